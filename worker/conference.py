@@ -1,0 +1,126 @@
+"""The Kazoo ``conferences`` document, as the worker validates it before calling Vinix.
+
+Mirrors ``conferences.json`` and ``conferences.profile.json`` of 2600hz/kazoo (see
+``shared/fixtures/kazoo``): no field is required and unknown keys are kept, as Kazoo keeps them.
+Types are checked the way Kazoo does in its default non-strict mode, which coerces ``"5"`` to an
+integer and ``"true"`` to a boolean before it gives up.  ``null`` is accepted everywhere because a
+``merge`` (HTTP PATCH) deletes a key with it; :class:`worker.messages.ConferenceUpdate` refuses
+``null`` in ``replace`` mode, where Kazoo's schema would reject it.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
+
+Digits = Annotated[str, StringConstraints(pattern=r"^[0-9]+$")]
+
+
+def _unique(items: list[str] | None) -> list[str] | None:
+    if items is not None and len(set(items)) != len(items):
+        raise ValueError("List of items is not unique")
+    return items
+
+
+UniqueDigits = Annotated[
+    list[Digits] | None,
+    AfterValidator(_unique),
+    Field(default=None, json_schema_extra={"uniqueItems": True}),
+]
+Digitses = Annotated[list[Digits] | None, Field(default=None)]
+
+_DOC = ConfigDict(extra="allow", populate_by_name=True, frozen=True)
+
+
+class Member(BaseModel):
+    """``member``: how ordinary participants join."""
+
+    model_config = _DOC
+
+    join_deaf: bool | None = None
+    join_muted: bool | None = None
+    numbers: UniqueDigits
+    pins: Digitses
+    play_entry_prompt: bool | None = None
+
+
+class Moderator(BaseModel):
+    """``moderator``: how moderators join."""
+
+    model_config = _DOC
+
+    join_deaf: bool | None = None
+    join_muted: bool | None = None
+    numbers: UniqueDigits
+    pins: Digitses
+
+
+class Profile(BaseModel):
+    """``conferences.profile``: media-server settings (hyphenated keys, as Kazoo spells them)."""
+
+    model_config = _DOC
+
+    alone_sound: str | None = Field(None, alias="alone-sound")
+    announce_count: int | None = Field(None, alias="announce-count")
+    caller_controls: str | None = Field(None, alias="caller-controls")
+    comfort_noise: int | None = Field(None, alias="comfort-noise", ge=0, le=10000)
+    energy_level: int | None = Field(None, alias="energy-level", ge=0, le=1800)
+    enter_sound: str | None = Field(None, alias="enter-sound")
+    exit_sound: str | None = Field(None, alias="exit-sound")
+    interval: int | None = Field(None, ge=10, le=120)
+    locked_sound: str | None = Field(None, alias="locked-sound")
+    max_members: int | None = Field(None, alias="max-members", ge=2)
+    max_members_sound: str | None = Field(None, alias="max-members-sound")
+    moderator_controls: str | None = Field(None, alias="moderator-controls")
+    moh_sound: str | None = Field(None, alias="moh-sound")
+    muted_sound: str | None = Field(None, alias="muted-sound")
+    rate: Literal[8000, 12000, 16000, 24000, 32000, 44100, 48000] | None = None
+    unmuted_sound: str | None = Field(None, alias="unmuted-sound")
+
+
+class ConferenceDocument(BaseModel):
+    """A Vinix/Kazoo conference document (``data`` of ``POST .../conferences/{id}``)."""
+
+    model_config = _DOC
+
+    bridge_password: str | None = None
+    bridge_username: str | None = None
+    caller_controls: str | None = None
+    conference_numbers: UniqueDigits
+    controls: dict[str, Any] | None = None
+    domain: str | None = None
+    flags: list[str] | None = None
+    focus: str | None = None
+    language: str | None = None
+    max_members_media: str | None = None
+    max_participants: int | None = None
+    member: Member | None = None
+    moderator: Moderator | None = None
+    moderator_controls: str | None = None
+    name: str | None = Field(None, min_length=1, max_length=128)
+    owner_id: str | None = Field(None, min_length=32, max_length=32)
+    play_entry_tone: bool | str | None = None
+    play_exit_tone: bool | str | None = None
+    play_name: bool | None = None
+    play_welcome: bool | None = None
+    profile: Profile | None = None
+    profile_name: str | None = None
+    require_moderator: bool | None = None
+    wait_for_moderator: bool | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        """The document as it goes to Vinix: only what the publisher set, in Kazoo's spelling."""
+        return self.model_dump(mode="json", by_alias=True, exclude_unset=True)
+
+
+def null_paths(doc: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted paths of every ``null`` in ``doc`` (Kazoo's schema allows none of them)."""
+    found: list[str] = []
+    for key, value in doc.items():
+        path = f"{prefix}{key}"
+        if value is None:
+            found.append(path)
+        elif isinstance(value, dict):
+            found.extend(null_paths(value, f"{path}."))
+    return found

@@ -1,0 +1,103 @@
+"""Deduplication by ``command_id``: a small Protocol, three backends, one factory.
+
+The state machine every backend implements (CONTRACT.md, "Deduplication"):
+
+- ``claim`` on an unknown id records it *in progress* under a lease and returns
+  :class:`Claimed`; the caller then owns the command until it calls ``complete`` or ``release``
+  (or the lease runs out, when a crashed owner's claim lapses).
+- ``claim`` on an id in progress returns :class:`InProgress` (same payload) or
+  :class:`Conflict` (different fingerprint).
+- ``complete`` stores the final result event for the retention window; a later ``claim``
+  returns :class:`Done` with it (same payload) or :class:`Conflict`.
+- ``release`` forgets the id (the command ended ``failed`` or ``expired``), so it can run again.
+
+Backends are chosen by URL in :func:`make_dedup_store`: ``memory://``, ``sqlite:///path``,
+``redis://...``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from worker.settings import DedupConfig
+
+
+@dataclass(frozen=True, slots=True)
+class Claimed:
+    """The caller now owns the command; ``token`` proves it to complete/release."""
+
+    token: str
+
+
+@dataclass(frozen=True, slots=True)
+class Done:
+    """Already finished within the retention window; ``result`` is the stored result event."""
+
+    result: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class InProgress:
+    """Another delivery of the same command owns it right now."""
+
+
+@dataclass(frozen=True, slots=True)
+class Conflict:
+    """The id is known with a different payload fingerprint."""
+
+
+ClaimOutcome = Claimed | Done | InProgress | Conflict
+
+
+class DedupStore(Protocol):
+    """Where the worker remembers which commands it has carried out."""
+
+    async def claim(self, command_id: str, fingerprint: str) -> ClaimOutcome:
+        """Atomically claim ``command_id`` or report what is known of it."""
+        ...
+
+    async def complete(self, command_id: str, token: str, result: bytes) -> None:
+        """Store the final result of a claimed command for the retention window."""
+        ...
+
+    async def release(self, command_id: str, token: str) -> None:
+        """Forget a claimed command, so that it may be carried out again."""
+        ...
+
+    async def ping(self) -> None:
+        """Raise if the store cannot be reached."""
+        ...
+
+    async def close(self) -> None:
+        """Release connections and files."""
+        ...
+
+
+def make_dedup_store(config: DedupConfig) -> DedupStore:
+    """Build the backend named by ``config.url``'s scheme."""
+    scheme = config.url.split(":", 1)[0].lower()
+    if scheme == "memory":
+        from worker.dedup.memory import MemoryDedupStore
+
+        return MemoryDedupStore(config)
+    if scheme == "sqlite":
+        from worker.dedup.sqlite import SqliteDedupStore
+
+        return SqliteDedupStore(config)
+    if scheme in {"redis", "rediss", "unix"}:
+        from worker.dedup.redis import RedisDedupStore
+
+        return RedisDedupStore(config)
+    raise ValueError(f"unsupported dedup URL scheme {scheme!r}: use memory://, sqlite:///, redis://")
+
+
+__all__ = [
+    "ClaimOutcome",
+    "Claimed",
+    "Conflict",
+    "DedupStore",
+    "Done",
+    "InProgress",
+    "make_dedup_store",
+]

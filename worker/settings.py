@@ -1,0 +1,152 @@
+"""Settings, read once at the edge from ``CW_*`` environment variables (and an optional ``.env``).
+
+:class:`Settings` is built in the CLI and nowhere else; each component receives only its own
+piece (:class:`RetryPolicy`, :class:`ProviderConfig`, :class:`Topology`, ...), never the whole.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from worker.errors import ProviderName
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """In-process retries: exponential backoff with full jitter, capped three ways."""
+
+    max_attempts: int = 5
+    budget_s: float = 30.0
+    base_delay_s: float = 0.2
+    max_delay_s: float = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderConfig:
+    """Where one provider lives and how to authenticate to it."""
+
+    name: ProviderName
+    base_url: str
+    api_key: SecretStr
+    timeout_s: float = 10.0
+    pool_size: int = 256
+
+    def __repr__(self) -> str:
+        return f"ProviderConfig(name={self.name!r}, base_url={self.base_url!r}, api_key='**********')"
+
+
+@dataclass(frozen=True, slots=True)
+class Topology:
+    """Names of the exchanges and queues of CONTRACT.md, and the queue limits."""
+
+    commands_exchange: str = "conference.commands"
+    commands_queue: str = "conference-worker.commands"
+    results_exchange: str = "conference.results"
+    dead_exchange: str = "conference.dead"
+    dead_queue: str = "conference-worker.dead"
+    delivery_limit: int = 5
+
+
+@dataclass(frozen=True, slots=True)
+class ConsumerConfig:
+    """How the consumer takes work from the queue."""
+
+    prefetch: int = 256
+    max_body_bytes: int = 256 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class DedupConfig:
+    """Which deduplication store, and how long it remembers."""
+
+    url: str
+    retention_s: float = 24 * 3600.0
+    lease_s: float = 120.0
+
+
+class Settings(BaseSettings):
+    """Every setting of the service; see the README for the table of variables and defaults."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="CW_", env_file=".env", env_file_encoding="utf-8", extra="ignore"
+    )
+
+    amqp_url: SecretStr = SecretStr("amqp://guest:guest@127.0.0.1:5672/")
+    dedup_url: SecretStr = SecretStr("sqlite:///.conference-worker/dedup.sqlite3")
+    dedup_retention_s: float = Field(24 * 3600.0, gt=0)
+    dedup_lease_s: float = Field(120.0, gt=0)
+
+    vinix_base_url: str | None = None
+    vinix_api_key: SecretStr | None = None
+    telnyx_base_url: str | None = None
+    telnyx_api_key: SecretStr | None = None
+    http_timeout_s: float = Field(10.0, gt=0)
+    http_pool_size: int = Field(256, ge=1)
+
+    retry_max_attempts: int = Field(5, ge=1)
+    retry_budget_s: float = Field(30.0, gt=0)
+    retry_base_delay_s: float = Field(0.2, gt=0)
+    retry_max_delay_s: float = Field(5.0, gt=0)
+
+    prefetch: int = Field(256, ge=1, le=2000)
+    max_body_bytes: int = Field(256 * 1024, ge=1024)
+
+    commands_exchange: str = "conference.commands"
+    commands_queue: str = "conference-worker.commands"
+    results_exchange: str = "conference.results"
+    dead_exchange: str = "conference.dead"
+    dead_queue: str = "conference-worker.dead"
+    delivery_limit: int = Field(5, ge=1)
+
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    def retry(self) -> RetryPolicy:
+        return RetryPolicy(
+            max_attempts=self.retry_max_attempts,
+            budget_s=self.retry_budget_s,
+            base_delay_s=self.retry_base_delay_s,
+            max_delay_s=self.retry_max_delay_s,
+        )
+
+    def topology(self) -> Topology:
+        return Topology(
+            commands_exchange=self.commands_exchange,
+            commands_queue=self.commands_queue,
+            results_exchange=self.results_exchange,
+            dead_exchange=self.dead_exchange,
+            dead_queue=self.dead_queue,
+            delivery_limit=self.delivery_limit,
+        )
+
+    def consumer(self) -> ConsumerConfig:
+        return ConsumerConfig(prefetch=self.prefetch, max_body_bytes=self.max_body_bytes)
+
+    def dedup(self) -> DedupConfig:
+        return DedupConfig(
+            url=self.dedup_url.get_secret_value(),
+            retention_s=self.dedup_retention_s,
+            lease_s=max(self.dedup_lease_s, self.retry_budget_s + 30.0),
+        )
+
+    def provider(self, name: ProviderName) -> ProviderConfig | None:
+        """The provider's configuration, or None when it is not configured (use the sandbox)."""
+        base_url = self.vinix_base_url if name == "vinix" else self.telnyx_base_url
+        api_key = self.vinix_api_key if name == "vinix" else self.telnyx_api_key
+        if base_url is None:
+            return None
+        if api_key is None:
+            raise ValueError(f"CW_{name.upper()}_BASE_URL is set but CW_{name.upper()}_API_KEY is not")
+        return self.provider_at(name, base_url, api_key)
+
+    def provider_at(self, name: ProviderName, base_url: str, api_key: SecretStr) -> ProviderConfig:
+        return ProviderConfig(
+            name=name,
+            base_url=base_url.rstrip("/"),
+            api_key=api_key,
+            timeout_s=self.http_timeout_s,
+            pool_size=self.http_pool_size,
+        )
