@@ -9,6 +9,9 @@ WorkerError                       every error the pipeline knows how to finish a
 ├── TransientError                retried within the budget; status "failed" once it is spent
 │   └── ProviderUnavailable       provider_unavailable · rate_limited (may carry retry_after_s)
 └── DeadlineExceeded              status "expired": ``expires_at`` passed before success
+
+StoreUnavailable                  not a command outcome: the dedup store cannot be reached, so
+                                  the message is held (never finished, never double-run)
 ```
 
 Third-party errors (aiohttp, pydantic, orjson) are translated into this tree once, where they
@@ -116,3 +119,7 @@ class DeadlineExceeded(WorkerError):
         provider: ProviderAnswer | None = None,
     ) -> None:
         super().__init__("expired", message, provider=provider)
+
+
+class StoreUnavailable(Exception):
+    """The deduplication store cannot be reached; raised by the dedup backends only."""

@@ -10,6 +10,8 @@ The state machine every backend implements (CONTRACT.md, "Deduplication"):
 - ``complete`` stores the final result event for the retention window; a later ``claim``
   returns :class:`Done` with it (same payload) or :class:`Conflict`.
 - ``release`` forgets the id (the command ended ``failed`` or ``expired``), so it can run again.
+- ``complete`` and ``release`` act only while the caller's token holds a live claim: after the
+  lease lapsed (whether or not someone else claimed since), or once done, they do nothing.
 
 Backends are chosen by URL in :func:`make_dedup_store`: ``memory://``, ``sqlite:///path``,
 ``redis://...``.
@@ -89,7 +91,9 @@ def make_dedup_store(config: DedupConfig) -> DedupStore:
         from worker.dedup.redis import RedisDedupStore
 
         return RedisDedupStore(config)
-    raise ValueError(f"unsupported dedup URL scheme {scheme!r}: use memory://, sqlite:///, redis://")
+    raise ValueError(
+        f"unsupported dedup URL scheme {scheme!r}: use memory://, sqlite:///, redis://"
+    )
 
 
 __all__ = [

@@ -1,0 +1,85 @@
+"""In-process deduplication store: a dict with monotonic-time expiry, for tests and one-offs.
+
+Nothing survives the process and nothing is shared between processes.  Every method runs to the
+end without awaiting, so a claim is atomic with respect to the other tasks of the event loop.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from worker.dedup import Claimed, ClaimOutcome, Conflict, Done, InProgress
+from worker.settings import DedupConfig
+
+PURGE_EVERY = 1024  # claims between two sweeps of expired entries
+
+
+@dataclass(slots=True)
+class _Entry:
+    fingerprint: str
+    token: str | None  # None once done
+    result: bytes | None  # None while in progress
+    expires_at: float  # on ``clock``
+
+
+class MemoryDedupStore:
+    """A :class:`worker.dedup.DedupStore` held in a dict; ``clock`` is injectable for tests."""
+
+    def __init__(self, config: DedupConfig, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self._lease_s = config.lease_s
+        self._retention_s = config.retention_s
+        self._clock = clock
+        self._entries: dict[str, _Entry] = {}
+        self._claims = 0
+
+    async def claim(self, command_id: str, fingerprint: str) -> ClaimOutcome:
+        """Claim ``command_id``, or report what is known of it (see :mod:`worker.dedup`)."""
+        now = self._clock()
+        self._maybe_purge(now)
+        entry = self._entries.get(command_id)
+        if entry is None or entry.expires_at <= now:
+            token = secrets.token_hex(8)
+            self._entries[command_id] = _Entry(fingerprint, token, None, now + self._lease_s)
+            return Claimed(token)
+        if entry.fingerprint != fingerprint:
+            return Conflict()
+        if entry.result is not None:
+            return Done(entry.result)
+        return InProgress()
+
+    async def complete(self, command_id: str, token: str, result: bytes) -> None:
+        """Record ``result`` if ``token`` still holds a live claim; otherwise do nothing."""
+        entry = self._owned(command_id, token)
+        if entry is not None:
+            entry.token = None
+            entry.result = result
+            entry.expires_at = self._clock() + self._retention_s
+
+    async def release(self, command_id: str, token: str) -> None:
+        """Forget ``command_id`` if ``token`` still holds a live claim; otherwise do nothing."""
+        if self._owned(command_id, token) is not None:
+            del self._entries[command_id]
+
+    async def ping(self) -> None:
+        """Always reachable."""
+
+    async def close(self) -> None:
+        """Forget everything."""
+        self._entries.clear()
+
+    def _owned(self, command_id: str, token: str) -> _Entry | None:
+        entry = self._entries.get(command_id)
+        if entry is None or entry.token != token or entry.expires_at <= self._clock():
+            return None
+        return entry
+
+    def _maybe_purge(self, now: float) -> None:
+        self._claims += 1
+        if self._claims % PURGE_EVERY:
+            return
+        expired = [key for key, entry in self._entries.items() if entry.expires_at <= now]
+        for key in expired:
+            del self._entries[key]
