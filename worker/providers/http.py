@@ -1,0 +1,260 @@
+"""The HTTP boundary shared by the provider clients.
+
+One :class:`JsonHttp` per client owns one ``aiohttp.ClientSession``.  It sends one JSON request
+and hands back the answer, or raises :class:`~worker.errors.ProviderUnavailable` for everything
+that is not an answer (connection errors, timeouts, broken payloads, a 2xx that is not JSON).
+:func:`classify` turns an HTTP status into the contract's error code, :func:`provider_error` into
+the matching exception, and :func:`retry_after` reads how long the provider asked us to wait.
+
+Nothing here puts a secret into a message: URLs carry no credentials, headers are never echoed,
+and :func:`redact` scrubs what a provider echoes back.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from typing import Any, Literal
+from urllib.parse import quote
+
+import aiohttp
+import orjson
+from yarl import URL
+
+from worker.errors import (
+    InvalidMessage,
+    ProviderAnswer,
+    ProviderName,
+    ProviderRejected,
+    ProviderUnavailable,
+    WorkerError,
+)
+from worker.settings import ProviderConfig
+
+ProviderErrorCode = Literal[
+    "provider_rejected",
+    "provider_not_found",
+    "provider_unauthorized",
+    "provider_unavailable",
+    "rate_limited",
+]
+TRANSIENT_CODES: frozenset[str] = frozenset({"provider_unavailable", "rate_limited"})
+MAX_MESSAGE_CHARS = 500
+REDACTED = "[REDACTED]"
+
+_DELTA_SECONDS = re.compile(r"^\s*-?\d+(\.\d+)?\s*$")
+
+
+@dataclass(frozen=True, slots=True)
+class HttpAnswer:
+    """One HTTP answer: status, headers, the parsed JSON body (None when empty or not JSON)."""
+
+    status: int
+    headers: Mapping[str, str]
+    body: Any
+    request_id: str | None
+
+
+def classify(status: int) -> ProviderErrorCode | None:
+    """The contract's error code for an HTTP status; None for a 2xx."""
+    if 200 <= status < 300:
+        return None
+    if status in (401, 403):
+        return "provider_unauthorized"
+    if status == 404:
+        return "provider_not_found"
+    if status == 429:
+        return "rate_limited"
+    if status in (408, 409) or not 400 <= status < 500:
+        return "provider_unavailable"
+    return "provider_rejected"
+
+
+def provider_error(
+    code: str,
+    message: str,
+    *,
+    answer: ProviderAnswer | None,
+    details: Any = None,
+    retry_after_s: float | None = None,
+) -> WorkerError:
+    """The exception for ``code``: transient codes are retryable, the others permanent."""
+    message = message[:MAX_MESSAGE_CHARS]
+    if code in TRANSIENT_CODES:
+        return ProviderUnavailable(
+            code, message, retry_after_s=retry_after_s, details=details, provider=answer
+        )
+    return ProviderRejected(code, message, details=details, provider=answer)
+
+
+def endpoint(base_url: str, *segments: str) -> URL:
+    """``base_url`` + ``/``-joined, fully percent-encoded segments; ids cannot alter the path."""
+    for segment in segments:
+        if segment in ("", ".", ".."):
+            raise InvalidMessage("invalid_command", f"{segment!r} is not a valid path segment")
+    path = "/".join(quote(segment, safe="") for segment in segments)
+    return URL(f"{base_url}/{path}", encoded=True)
+
+
+def parse_retry_after(value: str | None, now: datetime | float) -> float | None:
+    """Seconds to wait from a ``Retry-After`` value (delta-seconds or HTTP-date); None if unusable.
+
+    ``now`` is an aware datetime or a POSIX timestamp; negative delays become 0.
+    """
+    if value is None:
+        return None
+    if _DELTA_SECONDS.match(value):
+        return _seconds(value)
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    now_dt = now if isinstance(now, datetime) else datetime.fromtimestamp(now, UTC)
+    return max(0.0, (when - now_dt).total_seconds())
+
+
+def _seconds(value: str | None, scale: float = 1.0) -> float | None:
+    """A non-negative finite number of seconds from a numeric header, else None."""
+    if value is None:
+        return None
+    try:
+        number = float(value) * scale
+    except ValueError:
+        return None
+    return max(0.0, number) if math.isfinite(number) else None
+
+
+def retry_after(
+    headers: Mapping[str, str],
+    *,
+    now: datetime | float | None = None,
+    reset_header: str | None = None,
+) -> float | None:
+    """How long the provider asked us to wait: ``retry-after-ms``, ``Retry-After``, then
+    ``reset_header`` (seconds until a rate-limit window resets), whichever comes first."""
+    delay = _seconds(headers.get("retry-after-ms"), 0.001)
+    if delay is None:
+        delay = parse_retry_after(headers.get("retry-after"), time.time() if now is None else now)
+    if delay is None and reset_header is not None:
+        delay = _seconds(headers.get(reset_header))
+    return delay
+
+
+def redact(value: Any, secrets: Iterable[str]) -> Any:
+    """``value`` (JSON-like) with every occurrence of a secret replaced by ``[REDACTED]``."""
+    hidden = tuple(secret for secret in secrets if secret)
+    return _redact(value, hidden) if hidden else value
+
+
+def _redact(value: Any, secrets: tuple[str, ...]) -> Any:
+    if isinstance(value, str):
+        for secret in secrets:
+            value = value.replace(secret, REDACTED)
+        return value
+    if isinstance(value, dict):
+        return {_redact(k, secrets): _redact(v, secrets) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_redact(item, secrets) for item in value]
+    return value
+
+
+def new_request_id() -> str:
+    """A fresh 32-hex request id."""
+    return uuid.uuid4().hex
+
+
+class JsonHttp:
+    """One provider's connection pool: sends JSON, reads JSON, translates transport failures."""
+
+    def __init__(self, config: ProviderConfig) -> None:
+        self._config = config
+        self._session: aiohttp.ClientSession | None = None
+        self._closed = False
+
+    def _open(self) -> aiohttp.ClientSession:
+        if self._closed:
+            raise ProviderUnavailable(
+                "provider_unavailable",
+                f"{self._config.name} client is closed",
+                provider=ProviderAnswer(self._config.name),
+            )
+        if self._session is None:
+            size = self._config.pool_size
+            connector = aiohttp.TCPConnector(
+                limit=size, limit_per_host=size, ttl_dns_cache=300, keepalive_timeout=30
+            )
+            self._session = aiohttp.ClientSession(
+                connector=connector,
+                timeout=aiohttp.ClientTimeout(total=self._config.timeout_s),
+            )
+        return self._session
+
+    async def request(
+        self,
+        method: str,
+        url: URL,
+        *,
+        headers: Mapping[str, str],
+        body: Any,
+        request_id: str | None = None,
+    ) -> HttpAnswer:
+        """Send ``body`` as JSON; the answer, whatever its status, or ProviderUnavailable."""
+        session = self._open()
+        name = self._config.name
+        try:
+            async with session.request(
+                method, url, data=orjson.dumps(body), headers=headers, allow_redirects=False
+            ) as response:
+                raw = await response.read()
+        except TimeoutError as exc:
+            raise _unreachable(
+                name, request_id, f"timed out after {self._config.timeout_s}s"
+            ) from exc
+        except aiohttp.ClientError as exc:
+            raise _unreachable(name, request_id, type(exc).__name__) from exc
+        answer_id = response.headers.get("x-request-id", request_id)
+        return HttpAnswer(
+            response.status,
+            response.headers,
+            _parse(raw, response.status, name, answer_id),
+            answer_id,
+        )
+
+    async def aclose(self) -> None:
+        """Close the pool; later requests raise ProviderUnavailable."""
+        self._closed = True
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
+def _unreachable(name: ProviderName, request_id: str | None, why: str) -> ProviderUnavailable:
+    return ProviderUnavailable(
+        "provider_unavailable",
+        f"{name} did not answer: {why}",
+        provider=ProviderAnswer(name, None, request_id),
+    )
+
+
+def _parse(raw: bytes, status: int, name: ProviderName, request_id: str | None) -> Any:
+    """The JSON body; None when empty, or when not JSON on an error status (the status decides)."""
+    if not raw.strip():
+        return None
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        if classify(status) is not None:
+            return None
+        raise ProviderUnavailable(
+            "provider_unavailable",
+            f"{name} answered HTTP {status} with a body that is not JSON",
+            provider=ProviderAnswer(name, status, request_id),
+        ) from exc
