@@ -13,7 +13,11 @@ from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
-    AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints,
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
     model_validator,
 )
 
@@ -50,6 +54,8 @@ KazooId = Annotated[
     ),
     Field(description="32 lower-case hex characters, or a dashed UUID."),
 ]
+
+
 # Path segments of the Telnyx URL: no '/', no control characters, and not a dot segment.
 def _not_dot_segment(value: str) -> str:
     if value in {".", ".."}:

@@ -36,7 +36,9 @@ class ProviderConfig:
     pool_size: int = 256
 
     def __repr__(self) -> str:
-        return f"ProviderConfig(name={self.name!r}, base_url={self.base_url!r}, api_key='**********')"
+        return (
+            f"ProviderConfig(name={self.name!r}, base_url={self.base_url!r}, api_key='**********')"
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,7 +141,9 @@ class Settings(BaseSettings):
         if base_url is None:
             return None
         if api_key is None:
-            raise ValueError(f"CW_{name.upper()}_BASE_URL is set but CW_{name.upper()}_API_KEY is not")
+            raise ValueError(
+                f"CW_{name.upper()}_BASE_URL is set but CW_{name.upper()}_API_KEY is not"
+            )
         return self.provider_at(name, base_url, api_key)
 
     def provider_at(self, name: ProviderName, base_url: str, api_key: SecretStr) -> ProviderConfig:

@@ -1,0 +1,143 @@
+"""Retries in process: backoff, Retry-After, and the three caps (attempts, budget, deadline)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from worker.errors import ProviderAnswer, ProviderRejected, ProviderUnavailable
+from worker.providers import ProviderSuccess
+from worker.retry import Retrier, backoff_delay, next_delay
+from worker.settings import RetryPolicy
+
+OK = ProviderSuccess({"result": "ok"}, ProviderAnswer("telnyx", 200))
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1_000.0
+        self.sleeps: list[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+
+class Scripted:
+    """A provider that answers from a script: exceptions are raised, the rest returned."""
+
+    name = "telnyx"
+
+    def __init__(self, *answers: Any) -> None:
+        self.answers = list(answers)
+        self.calls = 0
+
+    async def execute(self, command: Any) -> ProviderSuccess:
+        self.calls += 1
+        answer = self.answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer  # type: ignore[no-any-return]
+
+    async def aclose(self) -> None:
+        pass
+
+
+def unavailable(retry_after: float | None = None) -> ProviderUnavailable:
+    return ProviderUnavailable("provider_unavailable", "503", retry_after_s=retry_after)
+
+
+def retrier(clock: FakeClock, **policy: Any) -> Retrier:
+    return Retrier(RetryPolicy(**policy), clock=clock, sleep=clock.sleep, rng=lambda: 1.0)
+
+
+def test_backoff_is_exponential_and_capped() -> None:
+    """Without jitter the delays double from the base delay up to the maximum."""
+    policy = RetryPolicy(base_delay_s=0.1, max_delay_s=1.0)
+    assert [backoff_delay(policy, n, lambda: 1.0) for n in (1, 2, 3, 4, 5)] == [0.1, 0.2, 0.4, 0.8, 1.0]
+
+
+def test_full_jitter_spans_zero_to_ceiling() -> None:
+    """Full jitter scales the ceiling by a random factor in [0, 1)."""
+    policy = RetryPolicy(base_delay_s=1.0, max_delay_s=8.0)
+    assert backoff_delay(policy, 3, lambda: 0.0) == 0.0
+    assert backoff_delay(policy, 3, lambda: 0.5) == 2.0
+
+
+def test_retry_after_stretches_the_delay() -> None:
+    """A provider's Retry-After is honoured when it asks for longer than the backoff."""
+    policy = RetryPolicy(base_delay_s=0.1)
+    assert next_delay(policy, 1, unavailable(retry_after=2.0), lambda: 1.0) == 2.0
+    assert next_delay(policy, 1, unavailable(retry_after=0.0), lambda: 1.0) == 0.1
+
+
+async def test_success_after_two_transient_failures_counts_three_attempts() -> None:
+    """503, 503, then 200: the command succeeds with attempts == 3."""
+    clock = FakeClock()
+    provider = Scripted(unavailable(), unavailable(), OK)
+    result = await retrier(clock).run(provider, None, expires_at=None)
+    assert result.success is OK
+    assert result.attempts == 3
+    assert clock.sleeps == [0.2, 0.4]
+
+
+async def test_permanent_error_is_not_retried() -> None:
+    """A 4xx the provider will always refuse ends the command after one attempt."""
+    clock = FakeClock()
+    rejected = ProviderRejected("provider_not_found", "404")
+    result = await retrier(clock).run(Scripted(rejected), None, expires_at=None)
+    assert result.error is rejected
+    assert result.attempts == 1
+
+
+async def test_attempts_cap_ends_in_the_last_transient_error() -> None:
+    """After max_attempts transient failures the command fails with the last error."""
+    clock = FakeClock()
+    provider = Scripted(*[unavailable() for _ in range(3)])
+    result = await retrier(clock, max_attempts=3).run(provider, None, expires_at=None)
+    assert isinstance(result.error, ProviderUnavailable)
+    assert result.attempts == 3
+
+
+async def test_budget_cap_stops_before_a_wait_that_would_overrun_it() -> None:
+    """A retry that would start after the time budget is not made."""
+    clock = FakeClock()
+    provider = Scripted(unavailable(retry_after=10.0), OK)
+    result = await retrier(clock, budget_s=5.0).run(provider, None, expires_at=None)
+    assert isinstance(result.error, ProviderUnavailable)
+    assert result.attempts == 1
+    assert clock.sleeps == []
+
+
+async def test_deadline_in_the_past_makes_no_call() -> None:
+    """A command already past expires_at is never sent: expired with 0 attempts."""
+    clock = FakeClock()
+    provider = Scripted(OK)
+    result = await retrier(clock).run(provider, None, expires_at=clock.now - 1)
+    assert result.error is not None
+    assert result.error.code == "expired"
+    assert (result.attempts, provider.calls) == (0, 0)
+
+
+async def test_wait_past_the_deadline_expires_at_once() -> None:
+    """When the next retry would start after expires_at, the command expires without waiting."""
+    clock = FakeClock()
+    provider = Scripted(unavailable(retry_after=30.0), OK)
+    result = await retrier(clock).run(provider, None, expires_at=clock.now + 10)
+    assert result.error is not None
+    assert result.error.status == "expired"
+    assert result.attempts == 1
+    assert clock.sleeps == []
+
+
+@pytest.mark.parametrize("attempts", [1, 2, 5])
+async def test_attempt_count_matches_provider_calls(attempts: int) -> None:
+    """``attempts`` is exactly the number of provider calls made."""
+    clock = FakeClock()
+    provider = Scripted(*[unavailable() for _ in range(attempts - 1)], OK)
+    result = await retrier(clock, max_attempts=5).run(provider, None, expires_at=None)
+    assert result.attempts == provider.calls == attempts

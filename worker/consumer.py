@@ -1,0 +1,184 @@
+"""The RabbitMQ side: take deliveries, hand their bodies to the pipeline, finish them.
+
+:func:`settle` is the one place where a delivery is finished.  The result event goes to the
+results exchange (and ``reply_to``), a non-success goes to the dead-letter exchange with the
+CONTRACT headers, every publish is confirmed by the broker, and only then is the command
+acknowledged.  If any publish fails the delivery is returned to the queue: an event may be
+repeated after a crash, never lost.  A delivery whose processing raises (a bug, not a bad
+message) is rejected back to the queue, where the quorum queue's delivery limit ends a poison
+message in the dead-letter queue instead of a loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Awaitable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import aio_pika
+from aio_pika.abc import AbstractExchange, AbstractIncomingMessage, AbstractQueue
+from aio_pika.exceptions import CONNECTION_EXCEPTIONS
+
+from worker import codec
+from worker.pipeline import Outcome, Pipeline
+
+log = logging.getLogger("worker.consumer")
+
+_MAX_HEADER_TEXT = 1000
+_MAX_REPLY_TO = 255
+
+
+@dataclass(slots=True)
+class Publisher:
+    """Publishes result events and dead letters, each confirmed by the broker."""
+
+    results: AbstractExchange
+    dead: AbstractExchange
+    default: AbstractExchange
+    own_queues: frozenset[str]
+
+    async def publish(self, outcome: Outcome, message: AbstractIncomingMessage) -> None:
+        """Publish everything ``outcome`` calls for, concurrently, and wait for the confirms."""
+        body = codec.encode(outcome.event)
+        event = _result_message(body, outcome, message)
+        sends: list[Awaitable[Any]] = [
+            self.results.publish(event, outcome.routing_key, mandatory=False)
+        ]
+        reply_to = message.reply_to
+        if reply_to and len(reply_to) <= _MAX_REPLY_TO and reply_to not in self.own_queues:
+            sends.append(self.default.publish(event, reply_to, mandatory=False))
+        if outcome.dead_letter:
+            dead = _dead_letter(outcome, message)
+            sends.append(self.dead.publish(dead, message.routing_key or "", mandatory=True))
+        await asyncio.gather(*sends)
+
+
+def _result_message(body: bytes, outcome: Outcome, message: AbstractIncomingMessage) -> Any:
+    correlation_id = message.correlation_id or outcome.event.get("command_id")
+    return aio_pika.Message(
+        body,
+        content_type="application/json",
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        correlation_id=correlation_id,
+        message_id=uuid.uuid4().hex,
+        timestamp=datetime.now(UTC),
+        app_id="conference-worker",
+        type="result",
+    )
+
+
+def _dead_letter(outcome: Outcome, message: AbstractIncomingMessage) -> Any:
+    error = outcome.event.get("error") or {}
+    headers = dict(message.headers or {})
+    headers.update(
+        {
+            "x-error-code": str(error.get("code", "")),
+            "x-error-message": str(error.get("message", ""))[:_MAX_HEADER_TEXT],
+            "x-attempts": int(outcome.event.get("attempts", 0)),
+            "x-original-routing-key": message.routing_key or "",
+            "x-failed-at": datetime.now(UTC).isoformat(),
+            "x-status": outcome.status,
+        }
+    )
+    return aio_pika.Message(
+        message.body,
+        headers=headers,
+        content_type=message.content_type,
+        content_encoding=message.content_encoding,
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        correlation_id=message.correlation_id,
+        reply_to=message.reply_to,
+        message_id=message.message_id,
+        timestamp=message.timestamp,
+        type=message.type,
+        user_id=None,
+        app_id=message.app_id,
+    )
+
+
+async def settle(message: AbstractIncomingMessage, outcome: Outcome, publisher: Publisher) -> bool:
+    """Finish a delivery: publish and confirm, then ack; on failure return it to the queue."""
+    try:
+        await publisher.publish(outcome, message)
+    except CONNECTION_EXCEPTIONS as exc:
+        log.error(
+            "could not publish the outcome of %s; returning it to the queue: %r",
+            outcome.event.get("command_id"),
+            exc,
+        )
+        await _quietly(message.nack(requeue=True))
+        return False
+    await _quietly(message.ack())
+    return True
+
+
+async def _quietly(settling: Any) -> None:
+    """Ack/nack on a channel that may be gone: the broker requeues the delivery itself then."""
+    try:
+        await settling
+    except CONNECTION_EXCEPTIONS as exc:
+        log.warning("could not settle a delivery (the broker will redeliver it): %r", exc)
+
+
+@dataclass(slots=True)
+class Consumer:
+    """Consumes the command queue with bounded concurrency (the prefetch count)."""
+
+    queue: AbstractQueue
+    pipeline: Pipeline
+    publisher: Publisher
+    _tag: str | None = None
+    _inflight: set[asyncio.Task[Any]] = field(default_factory=set)
+    completed: int = 0
+
+    async def start(self) -> None:
+        self._tag = await self.queue.consume(self._on_message, no_ack=False)
+
+    @property
+    def inflight(self) -> int:
+        return len(self._inflight)
+
+    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._inflight.add(task)
+        try:
+            await self._handle(message)
+        finally:
+            self._inflight.discard(task)
+
+    async def _handle(self, message: AbstractIncomingMessage) -> None:
+        try:
+            outcome = await self.pipeline.process(message.body)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("processing crashed; rejecting the delivery back to the queue")
+            await _quietly(message.reject(requeue=True))
+            return
+        if await settle(message, outcome, self.publisher):
+            self.completed += 1
+
+    async def stop(self, grace_s: float) -> None:
+        """Stop taking deliveries; let those in flight finish within ``grace_s``."""
+        if self._tag is not None:
+            try:
+                await self.queue.cancel(self._tag)
+            except CONNECTION_EXCEPTIONS as exc:
+                log.warning("could not cancel the consumer: %r", exc)
+            self._tag = None
+        pending = set(self._inflight)
+        if pending:
+            _, late = await asyncio.wait(pending, timeout=grace_s)
+            for task in late:
+                task.cancel()
+            if late:
+                log.warning(
+                    "%d commands still running after %.1f s were returned to the queue",
+                    len(late),
+                    grace_s,
+                )
