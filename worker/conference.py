@@ -12,8 +12,40 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    model_validator,
+)
 
+
+def _kazoo_int(value: Any) -> Any:
+    """Kazoo's non-strict coercion: integers, or strings of digits; never booleans or floats."""
+    if isinstance(value, bool | float):
+        raise ValueError("Value did not match type(s): integer")
+    if isinstance(value, str):
+        try:
+            return int(value, 10)
+        except ValueError:
+            raise ValueError("Value did not match type(s): integer") from None
+    return value
+
+
+def _kazoo_bool(value: Any) -> Any:
+    """Kazoo's non-strict coercion: booleans, or the strings "true" and "false"; nothing else."""
+    if isinstance(value, bool) or value is None:
+        return value
+    if value in ("true", "false"):
+        return value == "true"
+    raise ValueError("Value did not match type(s): boolean")
+
+
+KInt = Annotated[int, BeforeValidator(_kazoo_int)]
+KBool = Annotated[bool, BeforeValidator(_kazoo_bool)]
 Digits = Annotated[str, StringConstraints(pattern=r"^[0-9]+$")]
 
 
@@ -30,7 +62,7 @@ UniqueDigits = Annotated[
 ]
 Digitses = Annotated[list[Digits] | None, Field(default=None)]
 
-_DOC = ConfigDict(extra="allow", populate_by_name=True, frozen=True)
+_DOC = ConfigDict(extra="allow", frozen=True)
 
 
 class Member(BaseModel):
@@ -38,11 +70,11 @@ class Member(BaseModel):
 
     model_config = _DOC
 
-    join_deaf: bool | None = None
-    join_muted: bool | None = None
+    join_deaf: KBool | None = None
+    join_muted: KBool | None = None
     numbers: UniqueDigits
     pins: Digitses
-    play_entry_prompt: bool | None = None
+    play_entry_prompt: KBool | None = None
 
 
 class Moderator(BaseModel):
@@ -50,27 +82,40 @@ class Moderator(BaseModel):
 
     model_config = _DOC
 
-    join_deaf: bool | None = None
-    join_muted: bool | None = None
+    join_deaf: KBool | None = None
+    join_muted: KBool | None = None
     numbers: UniqueDigits
     pins: Digitses
 
 
 class Profile(BaseModel):
-    """``conferences.profile``: media-server settings (hyphenated keys, as Kazoo spells them)."""
+    """``conferences.profile``: media-server settings (hyphenated keys, as Kazoo spells them).
+
+    An underscore spelling of a hyphenated key (``max_members``) is refused: Kazoo would store it
+    as an unknown key and ignore it, which is never what the publisher meant.
+    """
 
     model_config = _DOC
 
+    @model_validator(mode="before")
+    @classmethod
+    def _no_underscore_spellings(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for name, field in cls.model_fields.items():
+                if field.alias and field.alias != name and name in data:
+                    raise ValueError(f"unknown key {name!r}: Kazoo spells it {field.alias!r}")
+        return data
+
     alone_sound: str | None = Field(None, alias="alone-sound")
-    announce_count: int | None = Field(None, alias="announce-count")
+    announce_count: KInt | None = Field(None, alias="announce-count")
     caller_controls: str | None = Field(None, alias="caller-controls")
-    comfort_noise: int | None = Field(None, alias="comfort-noise", ge=0, le=10000)
-    energy_level: int | None = Field(None, alias="energy-level", ge=0, le=1800)
+    comfort_noise: KInt | None = Field(None, alias="comfort-noise", ge=0, le=10000)
+    energy_level: KInt | None = Field(None, alias="energy-level", ge=0, le=1800)
     enter_sound: str | None = Field(None, alias="enter-sound")
     exit_sound: str | None = Field(None, alias="exit-sound")
-    interval: int | None = Field(None, ge=10, le=120)
+    interval: KInt | None = Field(None, ge=10, le=120)
     locked_sound: str | None = Field(None, alias="locked-sound")
-    max_members: int | None = Field(None, alias="max-members", ge=2)
+    max_members: KInt | None = Field(None, alias="max-members", ge=2)
     max_members_sound: str | None = Field(None, alias="max-members-sound")
     moderator_controls: str | None = Field(None, alias="moderator-controls")
     moh_sound: str | None = Field(None, alias="moh-sound")
@@ -94,7 +139,7 @@ class ConferenceDocument(BaseModel):
     focus: str | None = None
     language: str | None = None
     max_members_media: str | None = None
-    max_participants: int | None = None
+    max_participants: KInt | None = None
     member: Member | None = None
     moderator: Moderator | None = None
     moderator_controls: str | None = None
@@ -102,25 +147,30 @@ class ConferenceDocument(BaseModel):
     owner_id: str | None = Field(None, min_length=32, max_length=32)
     play_entry_tone: bool | str | None = None
     play_exit_tone: bool | str | None = None
-    play_name: bool | None = None
-    play_welcome: bool | None = None
+    play_name: KBool | None = None
+    play_welcome: KBool | None = None
     profile: Profile | None = None
     profile_name: str | None = None
-    require_moderator: bool | None = None
-    wait_for_moderator: bool | None = None
+    require_moderator: KBool | None = None
+    wait_for_moderator: KBool | None = None
 
     def to_wire(self) -> dict[str, Any]:
         """The document as it goes to Vinix: only what the publisher set, in Kazoo's spelling."""
         return self.model_dump(mode="json", by_alias=True, exclude_unset=True)
 
 
-def null_paths(doc: dict[str, Any], prefix: str = "") -> list[str]:
-    """Dotted paths of every ``null`` in ``doc`` (Kazoo's schema allows none of them)."""
+def null_paths(doc: BaseModel, prefix: str = "") -> list[str]:
+    """Dotted paths of the schema fields set to ``null`` (Kazoo's schema allows none of them).
+
+    Unknown keys, and free-form objects such as ``controls``, may hold ``null``: Kazoo keeps them.
+    """
     found: list[str] = []
-    for key, value in doc.items():
-        path = f"{prefix}{key}"
+    fields = type(doc).model_fields
+    for name in doc.model_fields_set & fields.keys():
+        value = getattr(doc, name)
+        path = f"{prefix}{fields[name].alias or name}"
         if value is None:
             found.append(path)
-        elif isinstance(value, dict):
+        elif isinstance(value, BaseModel):
             found.extend(null_paths(value, f"{path}."))
     return found

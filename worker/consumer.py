@@ -81,7 +81,6 @@ def _dead_letter(outcome: Outcome, message: AbstractIncomingMessage) -> Any:
             "x-attempts": int(outcome.event.get("attempts", 0)),
             "x-original-routing-key": message.routing_key or "",
             "x-failed-at": datetime.now(UTC).isoformat(),
-            "x-status": outcome.status,
         }
     )
     return aio_pika.Message(

@@ -65,13 +65,16 @@ def _not_dot_segment(value: str) -> str:
 
 TelnyxConferenceId = Annotated[
     str,
-    StringConstraints(min_length=1, max_length=128, pattern=r"^[^/\x00-\x1f\x7f]+$"),
+    StringConstraints(min_length=1, max_length=128, pattern=r"^[^/\x00-\x1f\x7f-\x9f]+$"),
     AfterValidator(_not_dot_segment),
-    Field(description="Telnyx conference id or name: 1..128 characters, no '/'."),
+    Field(
+        description="Telnyx conference id or name: 1..128 characters, no '/', not '.' or '..'.",
+        json_schema_extra={"not": {"enum": [".", ".."]}},
+    ),
 ]
 CallControlId = Annotated[
     str,
-    StringConstraints(min_length=1, max_length=512, pattern=r"^[^\x00-\x1f\x7f]+$"),
+    StringConstraints(min_length=1, max_length=512, pattern=r"^[^\x00-\x1f\x7f-\x9f]+$"),
     Field(description="A Telnyx call control id (opaque, e.g. 'v3:...')."),
 ]
 
@@ -110,7 +113,7 @@ class ConferenceUpdate(CommandBase):
     @model_validator(mode="after")
     def _no_null_in_replace(self) -> ConferenceUpdate:
         if self.mode == "replace":
-            nulls = null_paths(self.conference.to_wire())
+            nulls = null_paths(self.conference)
             if nulls:
                 raise ValueError(f"null is only allowed in merge mode (at {', '.join(nulls)})")
         return self

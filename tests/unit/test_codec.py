@@ -65,7 +65,10 @@ def test_valid_commands_decode() -> None:
         (orjson.dumps(update(extra=1)), "invalid_command"),
         (orjson.dumps(update(command_id="has space")), "invalid_command"),
         (orjson.dumps(role(supervisor_role="shout")), "invalid_command"),
-        (b'{"command_id": "x", "type": "conference.update", "n": 1' + b"0" * 5000 + b"}", "invalid_command"),
+        (
+            b'{"command_id": "x", "type": "conference.update", "n": 1' + b"0" * 5000 + b"}",
+            "invalid_command",
+        ),
     ],
 )
 def test_invalid_messages_get_the_right_code(body: bytes, code: str) -> None:
@@ -103,7 +106,9 @@ def fp(body: dict[str, Any]) -> str:
 
 def test_fingerprint_ignores_timing_fields() -> None:
     """issued_at and expires_at do not change a command's fingerprint."""
-    assert fp(update()) == fp(update(issued_at="2026-01-01T00:00:00Z", expires_at="2026-01-02T00:00:00+01:00"))
+    assert fp(update()) == fp(
+        update(issued_at="2026-01-01T00:00:00Z", expires_at="2026-01-02T00:00:00+01:00")
+    )
 
 
 def test_fingerprint_ignores_key_order_and_default_mode() -> None:

@@ -47,7 +47,10 @@ async def no_sleep(_: float) -> None:
 
 def make(vinix: FakeProvider | None = None, telnyx: FakeProvider | None = None) -> Pipeline:
     return Pipeline(
-        providers={"vinix": vinix or FakeProvider("vinix"), "telnyx": telnyx or FakeProvider("telnyx")},
+        providers={
+            "vinix": vinix or FakeProvider("vinix"),
+            "telnyx": telnyx or FakeProvider("telnyx"),
+        },
         dedup=MemoryDedupStore(DedupConfig(url="memory://", lease_s=60)),
         retrier=Retrier(RetryPolicy(max_attempts=3), sleep=no_sleep),
         max_body_bytes=LIMIT,
@@ -82,7 +85,10 @@ async def test_invalid_message_is_rejected_without_a_provider_call() -> None:
     telnyx = FakeProvider("telnyx")
     outcome = await make(telnyx=telnyx).process(role(supervisor_role="shout"))
     assert (outcome.status, outcome.event["error"]["code"], outcome.dead_letter) == (
-        "rejected", "invalid_command", True)
+        "rejected",
+        "invalid_command",
+        True,
+    )
     assert outcome.event["command_id"] == "r-1"
     assert telnyx.calls == 0
 
@@ -101,7 +107,11 @@ async def test_duplicate_after_success_is_replayed_without_calling() -> None:
     first = await pipeline.process(role())
     again = await pipeline.process(role(issued_at="2026-01-01T00:00:00Z"))
     assert telnyx.calls == 1
-    assert (again.status, again.event["duplicate"], again.event["attempts"]) == ("succeeded", True, 0)
+    assert (again.status, again.event["duplicate"], again.event["attempts"]) == (
+        "succeeded",
+        True,
+        0,
+    )
     assert again.event["data"] == first.event["data"]
     assert not again.dead_letter
 
@@ -111,7 +121,10 @@ async def test_conflicting_payload_is_rejected_and_store_untouched() -> None:
     pipeline = make()
     await pipeline.process(role())
     conflict = await pipeline.process(role(supervisor_role="barge"))
-    assert (conflict.status, conflict.event["error"]["code"]) == ("rejected", "idempotency_conflict")
+    assert (conflict.status, conflict.event["error"]["code"]) == (
+        "rejected",
+        "idempotency_conflict",
+    )
     assert conflict.dead_letter
     replay = await pipeline.process(role())
     assert replay.event["duplicate"] is True
@@ -139,7 +152,10 @@ async def test_provider_rejection_is_remembered() -> None:
     first = await pipeline.process(role())
     again = await pipeline.process(role())
     assert (first.status, first.event["error"]["code"], first.event["attempts"]) == (
-        "rejected", "provider_not_found", 1)
+        "rejected",
+        "provider_not_found",
+        1,
+    )
     assert (again.status, again.event["duplicate"], telnyx.calls) == ("rejected", True, 1)
 
 
@@ -161,7 +177,10 @@ async def test_expired_command_is_not_sent_and_released() -> None:
     pipeline = make(telnyx=telnyx)
     outcome = await pipeline.process(role(expires_at=past))
     assert (outcome.status, outcome.event["error"]["code"], outcome.event["attempts"]) == (
-        "expired", "expired", 0)
+        "expired",
+        "expired",
+        0,
+    )
     assert telnyx.calls == 0
     again = await pipeline.process(role())
     assert again.status == "succeeded"

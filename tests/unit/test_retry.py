@@ -58,7 +58,13 @@ def retrier(clock: FakeClock, **policy: Any) -> Retrier:
 def test_backoff_is_exponential_and_capped() -> None:
     """Without jitter the delays double from the base delay up to the maximum."""
     policy = RetryPolicy(base_delay_s=0.1, max_delay_s=1.0)
-    assert [backoff_delay(policy, n, lambda: 1.0) for n in (1, 2, 3, 4, 5)] == [0.1, 0.2, 0.4, 0.8, 1.0]
+    assert [backoff_delay(policy, n, lambda: 1.0) for n in (1, 2, 3, 4, 5)] == [
+        0.1,
+        0.2,
+        0.4,
+        0.8,
+        1.0,
+    ]
 
 
 def test_full_jitter_spans_zero_to_ceiling() -> None:

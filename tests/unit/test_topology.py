@@ -6,7 +6,12 @@ import json
 from pathlib import Path
 
 from worker.settings import Topology
-from worker.topology import COMMAND_BINDING, DEAD_BINDING, command_queue_arguments, dead_queue_arguments
+from worker.topology import (
+    COMMAND_BINDING,
+    DEAD_BINDING,
+    command_queue_arguments,
+    dead_queue_arguments,
+)
 
 DEFINITIONS = Path(__file__).resolve().parents[2] / "ops" / "rabbitmq" / "definitions.json"
 
