@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import sys
 from pathlib import Path
+from typing import BinaryIO
 
 import click
 
@@ -65,7 +66,7 @@ def sandbox(host: str, port: int, conferences: int, latency_ms: float) -> None:
 @click.option("--reply-to", default=None, help="Queue that should also receive the result events.")
 @click.option("--correlation-id", default=None)
 def publish(
-    source: click.utils.LazyFile,
+    source: BinaryIO,
     exchange: str | None,
     reply_to: str | None,
     correlation_id: str | None,

@@ -10,7 +10,7 @@ import orjson
 import pytest
 
 from worker.dedup.memory import MemoryDedupStore
-from worker.errors import ProviderAnswer, ProviderRejected, ProviderUnavailable
+from worker.errors import ProviderAnswer, ProviderName, ProviderRejected, ProviderUnavailable
 from worker.pipeline import Pipeline
 from worker.providers import ProviderSuccess
 from worker.retry import Retrier
@@ -22,8 +22,8 @@ LIMIT = 256 * 1024
 class FakeProvider:
     """Answers from a script (default: success) and counts calls; may block until released."""
 
-    def __init__(self, name: str, *script: Any) -> None:
-        self.name = name
+    def __init__(self, name: ProviderName, *script: Any) -> None:
+        self.name: ProviderName = name
         self.script = list(script)
         self.calls = 0
         self.gate: asyncio.Event | None = None
@@ -35,7 +35,7 @@ class FakeProvider:
         answer = self.script.pop(0) if self.script else None
         if isinstance(answer, Exception):
             raise answer
-        return ProviderSuccess({"result": "ok"}, ProviderAnswer(self.name, 200, "req-1"))  # type: ignore[arg-type]
+        return ProviderSuccess({"result": "ok"}, ProviderAnswer(self.name, 200, "req-1"))
 
     async def aclose(self) -> None:
         pass

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from worker.errors import ProviderAnswer, ProviderRejected, ProviderUnavailable
+from worker.errors import ProviderAnswer, ProviderName, ProviderRejected, ProviderUnavailable
 from worker.providers import ProviderSuccess
 from worker.retry import Retrier, backoff_delay, next_delay
 from worker.settings import RetryPolicy
@@ -30,7 +30,7 @@ class FakeClock:
 class Scripted:
     """A provider that answers from a script: exceptions are raised, the rest returned."""
 
-    name = "telnyx"
+    name: ProviderName = "telnyx"
 
     def __init__(self, *answers: Any) -> None:
         self.answers = list(answers)

@@ -1,0 +1,218 @@
+"""Integration fixtures: the real RabbitMQ and Redis on 127.0.0.1, the sandbox, a worker.
+
+Every test gets a topology of its own (names prefixed ``it-<hex>.``) that is deleted afterwards,
+so tests never see each other's messages and leave nothing behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import aio_pika
+import aiohttp
+import orjson
+import pytest
+
+from worker import topology
+from worker.app import Service
+from worker.sandbox import Sandbox
+from worker.settings import Settings
+
+AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
+REDIS_URL = "redis://127.0.0.1:6379/0"
+
+pytestmark = pytest.mark.integration
+
+
+def worker_settings(prefix: str, **overrides: Any) -> Settings:
+    """Settings for a worker on its own topology, with short retries."""
+    values: dict[str, Any] = {
+        "amqp_url": AMQP_URL,
+        "dedup_url": "memory://",
+        "commands_exchange": f"{prefix}.commands",
+        "commands_queue": f"{prefix}.worker.commands",
+        "results_exchange": f"{prefix}.results",
+        "dead_exchange": f"{prefix}.dead",
+        "dead_queue": f"{prefix}.worker.dead",
+        "retry_max_attempts": 3,
+        "retry_base_delay_s": 0.05,
+        "retry_max_delay_s": 0.5,
+        "retry_budget_s": 10.0,
+        "vinix_base_url": None,
+        "telnyx_base_url": None,
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+@dataclass
+class Admin:
+    """The sandbox's admin API."""
+
+    sandbox: Sandbox
+
+    @property
+    def root(self) -> str:
+        return self.sandbox.base_url.removesuffix("/v2")
+
+    async def call(self, method: str, path: str, body: Any = None) -> Any:
+        async with (
+            aiohttp.ClientSession() as http,
+            http.request(method, f"{self.root}{path}", json=body) as answer,
+        ):
+            answer.raise_for_status()
+            return await answer.json() if answer.content_length != 0 else None
+
+    async def fault(self, **fault: Any) -> None:
+        await self.call("POST", "/__admin/faults", fault)
+
+    async def requests(self) -> list[dict[str, Any]]:
+        return list((await self.call("GET", "/__admin/requests"))["requests"])
+
+    async def state(self) -> dict[str, Any]:
+        return dict(await self.call("GET", "/__admin/state"))
+
+
+@dataclass
+class Bus:
+    """A test's view of the broker: publish commands, read result events and dead letters."""
+
+    settings: Settings
+    connection: aio_pika.abc.AbstractConnection
+    channel: aio_pika.abc.AbstractChannel
+    results: aio_pika.abc.AbstractQueue
+    seen: list[dict[str, Any]] = field(default_factory=list)
+
+    async def publish(
+        self, body: dict[str, Any] | bytes, routing_key: str | None = None, **props: Any
+    ) -> None:
+        raw = body if isinstance(body, bytes) else orjson.dumps(body)
+        key = (
+            routing_key
+            or (body.get("type") if isinstance(body, dict) else None)
+            or "conference.update"
+        )
+        exchange = await self.channel.get_exchange(self.settings.commands_exchange)
+        message = aio_pika.Message(
+            raw,
+            content_type="application/json",
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            **props,
+        )
+        await exchange.publish(message, key)
+
+    async def events(self, count: int, timeout_s: float = 30.0) -> list[dict[str, Any]]:
+        """The next ``count`` result events."""
+        got: list[dict[str, Any]] = []
+        async with asyncio.timeout(timeout_s):
+            while len(got) < count:
+                message = await self.results.get(fail=False)
+                if message is None:
+                    await asyncio.sleep(0.02)
+                    continue
+                await message.ack()
+                got.append(orjson.loads(message.body))
+        self.seen += got
+        return got
+
+    async def dead_letters(
+        self, count: int, timeout_s: float = 10.0
+    ) -> list[aio_pika.abc.AbstractIncomingMessage]:
+        """Take ``count`` messages from the dead-letter queue (acked: the queue is left empty)."""
+        queue = await self.channel.get_queue(self.settings.dead_queue)
+        got: list[aio_pika.abc.AbstractIncomingMessage] = []
+        async with asyncio.timeout(timeout_s):
+            while len(got) < count:
+                message = await queue.get(fail=False)
+                if message is None:
+                    await asyncio.sleep(0.02)
+                    continue
+                await message.ack()
+                got.append(message)
+        return got
+
+
+def queue_counts(name: str) -> tuple[int, int]:
+    """(ready, unacknowledged) messages of a queue, as RabbitMQ itself reports them."""
+    out = subprocess.run(
+        [
+            "rabbitmqctl",
+            "list_queues",
+            "-q",
+            "--no-table-headers",
+            "name",
+            "messages_ready",
+            "messages_unacknowledged",
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout
+    for line in out.splitlines():
+        parts = line.split()
+        if parts and parts[0] == name:
+            return int(parts[1]), int(parts[2])
+    raise AssertionError(f"queue {name} not found")
+
+
+@pytest.fixture
+def prefix() -> str:
+    return f"it-{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+async def sandbox() -> AsyncIterator[Sandbox]:
+    async with Sandbox() as running:
+        yield running
+
+
+@pytest.fixture
+def admin(sandbox: Sandbox) -> Admin:
+    return Admin(sandbox)
+
+
+@pytest.fixture
+def fixtures(sandbox: Sandbox) -> dict[str, Any]:
+    return sandbox.fixtures
+
+
+WorkerFactory = Callable[..., AbstractAsyncContextManager[tuple[Service, Bus]]]
+
+
+@pytest.fixture
+async def worker_factory(prefix: str, sandbox: Sandbox) -> AsyncIterator[WorkerFactory]:
+    """Start a worker (and a bus to talk to it); everything is removed at the end of the test."""
+    made: list[Settings] = []
+
+    @asynccontextmanager
+    async def start(**overrides: Any) -> AsyncIterator[tuple[Service, Bus]]:
+        settings = worker_settings(prefix, **overrides)
+        made.append(settings)
+        service = Service(settings, sandbox=sandbox, grace_s=5.0)
+        await service.start()
+        connection = await aio_pika.connect(AMQP_URL)
+        channel = await connection.channel()
+        results = await channel.declare_queue(
+            f"{prefix}.test-results", durable=False, auto_delete=False
+        )
+        await results.bind(settings.results_exchange, "#")
+        try:
+            yield service, Bus(settings, connection, channel, results)
+        finally:
+            await service.stop()
+            await channel.queue_delete(f"{prefix}.test-results")
+            await connection.close()
+
+    yield start
+    connection = await aio_pika.connect(AMQP_URL)
+    async with connection:
+        channel = await connection.channel()
+        for settings in made[:1]:
+            await topology.delete(channel, settings.topology())
