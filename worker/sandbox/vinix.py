@@ -128,10 +128,6 @@ class VinixApi:
         message, data = _SYSTEM_ERRORS.get(status, fallback)
         return self._error(call, status, message, data, token)
 
-    def sessions(self) -> int:
-        """How many tokens were issued and are remembered."""
-        return len(self._sessions)
-
     # PUT /v2/api_auth
 
     def _api_auth(self, call: Call) -> Reply:
