@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +22,7 @@ from pydantic import SecretStr
 from worker.consumer import Consumer, Publisher
 from worker.dedup import DedupStore, make_dedup_store
 from worker.errors import ProviderName
+from worker.gate import Gate
 from worker.pipeline import Pipeline
 from worker.providers import Provider
 from worker.providers.factory import make_provider
@@ -92,14 +94,19 @@ class Service:
         await channel.set_qos(prefetch_count=self.settings.prefetch)
         topology = self.settings.topology()
         declared = await declare(channel, topology)
+        delays = {topology.delay_queue(seconds) for seconds in topology.delay_tiers_s}
         publisher = Publisher(
             results=declared.results_exchange,
             dead=declared.dead_exchange,
             default=channel.default_exchange,
-            own_queues=frozenset({topology.commands_queue, topology.dead_queue}),
+            topology=topology,
+            own_queues=frozenset({topology.commands_queue, topology.dead_queue, *delays}),
         )
         pipeline = Pipeline(
             providers=self._providers,
+            gates={
+                name: Gate(name, self.settings.gate(name), clock=time.time) for name in PROVIDERS
+            },
             dedup=dedup,
             retrier=Retrier(self.settings.retry()),
             max_body_bytes=self.settings.max_body_bytes,

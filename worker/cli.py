@@ -124,3 +124,108 @@ def schemas(check: bool, directory: Path) -> None:
         return
     for path in contract.write(directory):
         click.echo(f"wrote {path}")
+
+
+# --- dlq: dead-letter tooling (logic in worker/dlq.py, options and output in worker/dlq_render.py)
+
+
+def _dlq_filters(command: click.decorators.FC) -> click.decorators.FC:
+    """--type, --code, --older-than, --newer-than, --ids, --limit."""
+    options = [
+        click.option("--type", "command_type", help="Command type, e.g. conference.update."),
+        click.option("--code", help="Error code, e.g. provider_not_found or delivery_limit."),
+        click.option("--older-than", help="Failed longer ago than this: 90s, 10m, 2h, 1d."),
+        click.option("--newer-than", help="Failed within this: 90s, 10m, 2h, 1d."),
+        click.option("--ids", help="Only these command ids (comma-separated)."),
+        click.option("--limit", type=click.IntRange(min=1), help="At most N dead letters."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+@main.group()
+def dlq() -> None:
+    """List, show, replay and purge the dead-letter queue (CW_DEAD_QUEUE).
+
+    Every command holds the dead letters it reads unacknowledged and gives back those it does not
+    remove when it ends: nothing is lost, but they may come back in another order.
+    """
+
+
+@dlq.command("list")
+@_dlq_filters
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line, not a table.")
+def dlq_list(as_json: bool, limit: int | None, **filters: str | None) -> None:
+    """List dead letters: command id, type, error code, attempts, failed at, routing key."""
+    import orjson
+    from rich.console import Console
+
+    from worker import dlq_render as r
+
+    flt = r.filter_from(filters)
+    letters, total = r.run(r.list_letters(r.target_from(_settings()), flt, limit))
+    if as_json:
+        for letter in letters:
+            click.echo(orjson.dumps(r.summary(letter)).decode())
+    else:
+        Console().print(r.letters_table(letters, f"{len(letters)} of {total} dead letter(s)"))
+
+
+@dlq.command("show")
+@click.argument("command_id")
+def dlq_show(command_id: str) -> None:
+    """Body, properties and headers of the dead letter(s) of one command id."""
+    from rich.console import Console
+
+    from worker import dlq_render as r
+
+    flt = r.filter_from({"ids": command_id})
+    letters, _ = r.run(r.list_letters(r.target_from(_settings()), flt, None))
+    if not letters:
+        raise click.ClickException(f"no dead letter with command id {command_id!r}")
+    for index, letter in enumerate(letters, 1):
+        Console().print(r.letter_details(letter, index, len(letters)))
+
+
+@dlq.command("replay")
+@_dlq_filters
+@click.option("--rate", help="At most N per second (a token bucket), e.g. 500/s.")
+@click.option("--dry-run", is_flag=True, help="Only list what would be replayed.")
+def dlq_replay(rate: str | None, dry_run: bool, limit: int | None, **filters: str | None) -> None:
+    """Publish dead letters back to the commands exchange, each confirmed before it is removed.
+
+    Ctrl-C finishes the message in hand and exits 130; run the same command again to resume.
+    """
+    from rich.console import Console
+
+    from worker import dlq_render as r
+
+    flt, per_s, target = r.filter_from(filters), r.rate_from(rate), r.target_from(_settings())
+    if dry_run:
+        letters, total = r.run(r.list_letters(target, flt, limit))
+        title = f"would replay {len(letters)} of {total} dead letter(s)"
+        Console().print(r.letters_table(letters, title))
+        return
+    report = r.run(r.replay(target, flt, limit, per_s, Console(stderr=True)))
+    click.echo(r.replay_summary(report))
+    if report.interrupted:
+        click.echo("interrupted: run the same command again to resume", err=True)
+        sys.exit(130)
+    if report.refused:
+        sys.exit(1)
+
+
+@dlq.command("purge")
+@_dlq_filters
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+def dlq_purge(yes: bool, limit: int | None, **filters: str | None) -> None:
+    """Remove the matching dead letters for good (asks first unless --yes)."""
+    from worker import dlq_render as r
+
+    confirm = r.confirm_purge(yes)
+    flt = r.filter_from(filters)
+    matched, purged = r.run(r.purge(r.target_from(_settings()), flt, limit, confirm))
+    if matched and not purged:
+        raise click.ClickException("not confirmed; nothing was purged")
+    click.echo(f"purged {purged} dead letter(s)")

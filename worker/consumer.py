@@ -3,10 +3,11 @@
 :func:`settle` is the one place where a delivery is finished.  The result event goes to the
 results exchange (and ``reply_to``), a non-success goes to the dead-letter exchange with the
 CONTRACT headers, every publish is confirmed by the broker, and only then is the command
-acknowledged.  If any publish fails the delivery is returned to the queue: an event may be
-repeated after a crash, never lost.  A delivery whose processing raises (a bug, not a bad
-message) is rejected back to the queue, where the quorum queue's delivery limit ends a poison
-message in the dead-letter queue instead of a loop.
+acknowledged.  A deferred command goes to the broker-held delay queue of its tier, with its retry
+state in ``cw-*`` headers, before it is acknowledged.  If any publish fails the delivery is
+returned to the queue: an event may be repeated after a crash, never lost.  A delivery whose
+processing raises (a bug, not a bad message) is rejected back to the queue, where the quorum
+queue's delivery limit ends a poison message in the dead-letter queue instead of a loop.
 """
 
 from __future__ import annotations
@@ -24,12 +25,45 @@ from aio_pika.abc import AbstractExchange, AbstractIncomingMessage, AbstractQueu
 from aio_pika.exceptions import CONNECTION_EXCEPTIONS
 
 from worker import codec
-from worker.pipeline import Outcome, Pipeline
+from worker.pipeline import Delivery, Outcome, Pipeline
+from worker.retry import RetryState
+from worker.settings import Topology
 
 log = logging.getLogger("worker.consumer")
 
 _MAX_HEADER_TEXT = 1000
 _MAX_REPLY_TO = 255
+# Headers of our own that carry a command's retry state through the broker-held delays.
+H_ATTEMPTS = "cw-attempts"
+H_BUDGET_USED = "cw-budget-used-s"
+H_FIRST_FAILURE = "cw-first-failure-at"
+H_NOT_BEFORE = "cw-not-before"
+H_ROUTING_KEY = "cw-routing-key"
+RETRY_HEADERS = (H_ATTEMPTS, H_BUDGET_USED, H_FIRST_FAILURE, H_NOT_BEFORE, H_ROUTING_KEY)
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def delivery_of(message: AbstractIncomingMessage) -> Delivery:
+    """The pipeline's view of a message (retry state read defensively from our headers)."""
+    headers = message.headers or {}
+    attempts = _number(headers.get(H_ATTEMPTS))
+    if attempts is None:
+        return Delivery(message.body)
+    retry = RetryState(
+        attempts=max(int(attempts), 0),
+        budget_used_s=max(_number(headers.get(H_BUDGET_USED)) or 0.0, 0.0),
+        first_failure_at=_number(headers.get(H_FIRST_FAILURE)),
+    )
+    return Delivery(message.body, retry, _number(headers.get(H_NOT_BEFORE)))
+
+
+def original_routing_key(message: AbstractIncomingMessage) -> str:
+    """The routing key the publisher used (a command back from a delay carries it in a header)."""
+    carried = (message.headers or {}).get(H_ROUTING_KEY)
+    return carried if isinstance(carried, str) else (message.routing_key or "")
 
 
 @dataclass(slots=True)
@@ -39,10 +73,14 @@ class Publisher:
     results: AbstractExchange
     dead: AbstractExchange
     default: AbstractExchange
+    topology: Topology
     own_queues: frozenset[str]
 
     async def publish(self, outcome: Outcome, message: AbstractIncomingMessage) -> None:
         """Publish everything ``outcome`` calls for, concurrently, and wait for the confirms."""
+        if outcome.defer_s is not None and outcome.retry is not None:
+            await self._defer(outcome.defer_s, outcome.retry, message)
+            return
         body = codec.encode(outcome.event)
         event = _result_message(body, outcome, message)
         sends: list[Awaitable[Any]] = [
@@ -53,8 +91,26 @@ class Publisher:
             sends.append(self.default.publish(event, reply_to, mandatory=False))
         if outcome.dead_letter:
             dead = _dead_letter(outcome, message)
-            sends.append(self.dead.publish(dead, message.routing_key or "", mandatory=True))
+            sends.append(self.dead.publish(dead, original_routing_key(message), mandatory=True))
         await asyncio.gather(*sends)
+
+    async def _defer(
+        self, delay_s: float, retry: RetryState, message: AbstractIncomingMessage
+    ) -> None:
+        """Park the command in the delay queue of its tier; it comes back to the work queue."""
+        tier = self.topology.delay_tier(delay_s)
+        headers = dict(message.headers or {})
+        headers.update(
+            {
+                H_ATTEMPTS: retry.attempts,
+                H_BUDGET_USED: round(retry.budget_used_s, 3),
+                H_FIRST_FAILURE: retry.first_failure_at or datetime.now(UTC).timestamp(),
+                H_NOT_BEFORE: datetime.now(UTC).timestamp() + delay_s,
+                H_ROUTING_KEY: original_routing_key(message),
+            }
+        )
+        delayed = _copy(message, headers)
+        await self.default.publish(delayed, self.topology.delay_queue(tier), mandatory=True)
 
 
 def _result_message(body: bytes, outcome: Outcome, message: AbstractIncomingMessage) -> Any:
@@ -73,16 +129,21 @@ def _result_message(body: bytes, outcome: Outcome, message: AbstractIncomingMess
 
 def _dead_letter(outcome: Outcome, message: AbstractIncomingMessage) -> Any:
     error = outcome.event.get("error") or {}
-    headers = dict(message.headers or {})
+    headers = {k: v for k, v in (message.headers or {}).items() if k not in RETRY_HEADERS}
     headers.update(
         {
             "x-error-code": str(error.get("code", "")),
             "x-error-message": str(error.get("message", ""))[:_MAX_HEADER_TEXT],
             "x-attempts": int(outcome.event.get("attempts", 0)),
-            "x-original-routing-key": message.routing_key or "",
+            "x-original-routing-key": original_routing_key(message),
             "x-failed-at": datetime.now(UTC).isoformat(),
         }
     )
+    return _copy(message, headers)
+
+
+def _copy(message: AbstractIncomingMessage, headers: dict[str, Any]) -> Any:
+    """The message again, persistent, with its properties and the given headers."""
     return aio_pika.Message(
         message.body,
         headers=headers,
@@ -143,8 +204,8 @@ class Consumer:
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
         task = asyncio.current_task()
-        assert task is not None
-        self._inflight.add(task)
+        if task is not None:
+            self._inflight.add(task)
         try:
             await self._handle(message)
         finally:
@@ -152,7 +213,7 @@ class Consumer:
 
     async def _handle(self, message: AbstractIncomingMessage) -> None:
         try:
-            outcome = await self.pipeline.process(message.body)
+            outcome = await self.pipeline.process(delivery_of(message))
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -163,7 +224,12 @@ class Consumer:
             self.completed += 1
 
     async def stop(self, grace_s: float) -> None:
-        """Stop taking deliveries; let those in flight finish within ``grace_s``."""
+        """Stop taking deliveries; let those in flight finish within ``grace_s``.
+
+        Commands waiting in a backoff or for an open circuit breaker are handed to the
+        broker-held delay at once (the pipeline's ``stopping`` event) and acknowledged.
+        """
+        self.pipeline.stopping.set()
         if self._tag is not None:
             try:
                 await self.queue.cancel(self._tag)

@@ -5,6 +5,7 @@ WorkerError                       every error the pipeline knows how to finish a
 ├── PermanentError                status "rejected": never retried, dead-lettered
 │   ├── InvalidMessage            invalid_json · invalid_command · unknown_type · too_large
 │   ├── IdempotencyConflict       idempotency_conflict (the stored result is left untouched)
+│   ├── Superseded                superseded (a newer command for the target was already applied)
 │   └── ProviderRejected          provider_rejected · provider_not_found · provider_unauthorized
 ├── TransientError                retried within the budget; status "failed" once it is spent
 │   └── ProviderUnavailable       provider_unavailable · rate_limited (may carry retry_after_s)
@@ -77,6 +78,15 @@ class IdempotencyConflict(PermanentError):
 
     def __init__(self, message: str = "command_id was already used with a different payload"):
         super().__init__("idempotency_conflict", message)
+
+
+class Superseded(PermanentError):
+    """A command issued after this one was already applied to the same target."""
+
+    def __init__(
+        self, message: str = "a newer command for the same target was already applied"
+    ) -> None:
+        super().__init__("superseded", message)
 
 
 class ProviderRejected(PermanentError):

@@ -34,6 +34,7 @@ ErrorCode = Literal[
     "unknown_type",
     "too_large",
     "idempotency_conflict",
+    "superseded",
     "expired",
     "provider_rejected",
     "provider_unauthorized",

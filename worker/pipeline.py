@@ -1,16 +1,18 @@
 """The life of one command, as plain async steps that know nothing of the broker.
 
-decode → deduplicate → check the deadline → call the provider with retries → remember the
-result → build the result event.  :func:`process` always returns an :class:`Outcome`; what the
-consumer then does with the message (publish, dead-letter, ack) is decided in
-:func:`worker.consumer.settle`.  Only infrastructure trouble that makes the message unsafe to
-finish (the dedup store unreachable) is waited out here, holding the message.
+decode → take the target's turn → deduplicate → drop if superseded → check the deadline → call
+the provider through its gate, with retries → remember the result → build the result event.
+:func:`Pipeline.process` always returns an :class:`Outcome`: a final result event (maybe to be
+dead-lettered) or a deferral to a broker-held delay.  What the consumer then does with the message
+(publish, dead-letter, delay, ack) is decided in :func:`worker.consumer.settle`.  Only trouble that
+makes the message unsafe to finish (the dedup store unreachable) is waited out here.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -21,29 +23,49 @@ import orjson
 from worker import codec
 from worker.codec import AnyCommand, Identity
 from worker.dedup import Claimed, Conflict, DedupStore, Done, InProgress
-from worker.errors import IdempotencyConflict, ProviderAnswer, StoreUnavailable, WorkerError
+from worker.errors import (
+    IdempotencyConflict,
+    ProviderAnswer,
+    StoreUnavailable,
+    Superseded,
+    WorkerError,
+)
+from worker.gate import Gate
 from worker.messages import COMMAND_TYPES
 from worker.providers import Provider
-from worker.retry import Attempted, Retrier
+from worker.retry import Attempted, Retrier, RetryState
+from worker.sequencer import Sequencer, target_of
 
 log = logging.getLogger("worker.pipeline")
 T = TypeVar("T")
 
 _WAIT_FIRST_S = 0.02
 _WAIT_MAX_S = 0.5
+_ROUTES = {"conference.update": "vinix", "conference.supervisor_role": "telnyx"}
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """What the pipeline needs of a message: its body and the retry state it carries."""
+
+    body: bytes
+    retry: RetryState = field(default_factory=RetryState)
+    not_before: float | None = None  # epoch seconds; set on a deferred command
 
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
-    """How a command ended: its result event and whether it belongs in the dead-letter queue."""
+    """How a delivery ended: a result event (maybe dead-lettered), or a deferral."""
 
     event: dict[str, Any]
     routing_key: str
     dead_letter: bool
+    defer_s: float | None = None
+    retry: RetryState | None = None
 
     @property
     def status(self) -> str:
-        return str(self.event["status"])
+        return str(self.event.get("status", "deferred"))
 
 
 @dataclass(slots=True)
@@ -51,37 +73,55 @@ class Pipeline:
     """Everything a command needs, handed in by the composition root."""
 
     providers: Mapping[str, Provider]
+    gates: Mapping[str, Gate]
     dedup: DedupStore
     retrier: Retrier
     max_body_bytes: int
+    sequencer: Sequencer = field(default_factory=Sequencer)
+    stopping: asyncio.Event = field(default_factory=asyncio.Event)
     infra_retry_s: float = 1.0
-    _routes: dict[str, str] = field(
-        default_factory=lambda: {
-            "conference.update": "vinix",
-            "conference.supervisor_role": "telnyx",
-        }
-    )
+    clock: Callable[[], float] = time.time
 
-    async def process(self, body: bytes) -> Outcome:
+    async def process(self, delivery: Delivery) -> Outcome:
         """Carry out one delivery's command and say how it ended."""
         received_at = datetime.now(UTC)
         try:
-            command = codec.decode(body, self.max_body_bytes)
+            command = codec.decode(delivery.body, self.max_body_bytes)
         except WorkerError as exc:
-            return _failure(codec.identity(body, self.max_body_bytes), exc, 0, received_at)
+            ident = codec.identity(delivery.body, self.max_body_bytes)
+            return _failure(ident, exc, delivery.retry.attempts, received_at)
+        wait = (delivery.not_before or 0.0) - self.clock()
+        if wait > 0.25:
+            return _deferred(delivery.retry, wait)
+        async with self.sequencer.turn(target_of(command)):
+            return await self._carry_out(command, delivery.retry, received_at)
+
+    async def _carry_out(
+        self, command: AnyCommand, retry: RetryState, received_at: datetime
+    ) -> Outcome:
         ident = Identity(command.command_id, command.type)
-        fingerprint = codec.fingerprint(command)
-        claim = await self._claim(command.command_id, fingerprint)
+        claim = await self._claim(command.command_id, codec.fingerprint(command))
         if isinstance(claim, Done):
             return _replay(claim.result, received_at)
         if isinstance(claim, Conflict):
-            return _failure(ident, IdempotencyConflict(), 0, received_at)
-        attempted = await self.retrier.run(
-            self.providers[self._routes[command.type]],
-            command,
-            expires_at=command.expires_at.timestamp() if command.expires_at else None,
-        )
-        outcome = _finish(ident, attempted, received_at)
+            return _failure(ident, IdempotencyConflict(), retry.attempts, received_at)
+        target = target_of(command)
+        issued_at = command.issued_at.timestamp() if command.issued_at else None
+        if self.sequencer.is_stale(target, issued_at):
+            outcome = _failure(ident, Superseded(), retry.attempts, received_at)
+        else:
+            provider = _ROUTES[command.type]
+            attempted = await self.retrier.run(
+                self.providers[provider],
+                self.gates[provider],
+                command,
+                state=retry,
+                expires_at=command.expires_at.timestamp() if command.expires_at else None,
+                stopping=self.stopping,
+            )
+            outcome = _finish(ident, attempted, received_at)
+            if outcome.status == "succeeded":
+                self.sequencer.applied(target, issued_at)
         await self._remember(command, claim, outcome)
         return outcome
 
@@ -96,8 +136,10 @@ class Pipeline:
             wait = min(wait * 2, _WAIT_MAX_S)
 
     async def _remember(self, command: AnyCommand, claim: Claimed, outcome: Outcome) -> None:
-        """Keep what succeeded or was rejected by the provider; forget failed and expired."""
-        if outcome.status in {"succeeded", "rejected"}:
+        """Keep what succeeded or the provider rejected; forget the rest (it may run again)."""
+        code = (outcome.event.get("error") or {}).get("code", "")
+        provider_rejected = outcome.status == "rejected" and code.startswith("provider_")
+        if outcome.status == "succeeded" or provider_rejected:
             await self._with_store(
                 self.dedup.complete, command.command_id, claim.token, codec.encode(outcome.event)
             )
@@ -160,9 +202,14 @@ def _failure(ident: Identity, error: WorkerError, attempts: int, received_at: da
     return Outcome(event, _routing_key(ident.type, error.status), dead_letter=True)
 
 
+def _deferred(retry: RetryState, delay_s: float) -> Outcome:
+    return Outcome({}, "", dead_letter=False, defer_s=delay_s, retry=retry)
+
+
 def _finish(ident: Identity, attempted: Attempted, received_at: datetime) -> Outcome:
-    if attempted.success is None:
-        assert attempted.error is not None
+    if attempted.defer_s is not None:
+        return _deferred(attempted.state, attempted.defer_s)
+    if attempted.error is not None:
         return _failure(ident, attempted.error, attempted.attempts, received_at)
     success = attempted.success
     event = _event(
@@ -170,8 +217,8 @@ def _finish(ident: Identity, attempted: Attempted, received_at: datetime) -> Out
         "succeeded",
         attempted.attempts,
         received_at,
-        provider=success.answer,
-        data=success.data,
+        provider=success.answer if success else None,
+        data=success.data if success else None,
     )
     return Outcome(event, _routing_key(ident.type, "succeeded"), dead_letter=False)
 

@@ -1,9 +1,12 @@
-"""Carrying a command out against its provider, with retries in process.
+"""Carrying a command out against its provider, with retries in process and through the broker.
 
 Exponential backoff with full jitter (``random() * min(max_delay, base * 2**n)``), never shorter
-than a provider's ``Retry-After``, and capped three ways: by the number of attempts, by a total
-time budget per command, and by the command's ``expires_at``.  A wait that would end past the
-deadline ends the command ``expired`` at once rather than sleeping towards a certain failure.
+than a provider's ``Retry-After``, capped three ways: attempts, a total time budget, and the
+command's ``expires_at``.  Short waits (up to ``inline_max_s``) are slept in process; longer ones,
+and any wait when the worker is stopping, are *deferred*: the command leaves the consumer for a
+broker-held delay and comes back with its :class:`RetryState` in headers of our own, so a crash
+loses nothing and the count goes on where it was.  The budget spans both kinds of retry; time spent
+waiting for an unhealthy provider's circuit breaker is not charged to it.
 """
 
 from __future__ import annotations
@@ -12,24 +15,52 @@ import asyncio
 import random
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from worker.errors import DeadlineExceeded, PermanentError, ProviderUnavailable, TransientError
+from worker.gate import Gate, GateClosed
 from worker.providers import Provider, ProviderSuccess
 from worker.settings import RetryPolicy
 
 Clock = Callable[[], float]
-Sleep = Callable[[float], Awaitable[None]]
+# Sleeps for the delay unless ``stopping`` is set first; returns True when interrupted.
+Sleep = Callable[[float, asyncio.Event], Awaitable[bool]]
+Final = PermanentError | TransientError | DeadlineExceeded
+
+
+async def interruptible_sleep(delay: float, stopping: asyncio.Event) -> bool:
+    """Sleep ``delay`` seconds, or less if ``stopping`` is set; True when interrupted."""
+    if stopping.is_set():
+        return True
+    try:
+        await asyncio.wait_for(stopping.wait(), timeout=delay)
+    except TimeoutError:
+        return False
+    return True
+
+
+@dataclass(slots=True)
+class RetryState:
+    """What a command carries from one delivery to the next (headers ``cw-*``)."""
+
+    attempts: int = 0
+    budget_used_s: float = 0.0
+    first_failure_at: float | None = None
 
 
 @dataclass(slots=True)
 class Attempted:
-    """What carrying a command out came to: a success or the final error, and the calls made."""
+    """How far carrying a command out got: success, a final error, or a deferral."""
 
-    attempts: int
+    state: RetryState
     success: ProviderSuccess | None = None
-    error: PermanentError | TransientError | DeadlineExceeded | None = None
+    error: Final | None = None
+    defer_s: float | None = None
+
+    @property
+    def attempts(self) -> int:
+        return self.state.attempts
 
 
 def backoff_delay(policy: RetryPolicy, attempt: int, rng: Callable[[], float]) -> float:
@@ -48,47 +79,86 @@ def next_delay(
 
 
 @dataclass(slots=True)
+class _Run:
+    """Book-keeping of one delivery's share of the retries."""
+
+    state: RetryState
+    started: float
+    expires_at: float | None
+    paused: float = 0.0
+    clock: Clock = field(default=time.time)
+
+    def budget_used(self) -> float:
+        return self.state.budget_used_s + (self.clock() - self.started - self.paused)
+
+
+@dataclass(slots=True)
 class Retrier:
     """Runs provider calls under a :class:`RetryPolicy` (clock, sleep and rng injectable)."""
 
     policy: RetryPolicy
     clock: Clock = time.time
-    sleep: Sleep = asyncio.sleep
+    sleep: Sleep = interruptible_sleep
     rng: Callable[[], float] = random.random
 
-    async def run(self, provider: Provider, command: Any, *, expires_at: float | None) -> Attempted:
-        """Call ``provider`` until success, a permanent error, or a spent budget."""
-        budget_ends = self.clock() + self.policy.budget_s
-        attempts = 0
+    async def run(
+        self,
+        provider: Provider,
+        gate: Gate,
+        command: Any,
+        *,
+        state: RetryState,
+        expires_at: float | None,
+        stopping: asyncio.Event,
+    ) -> Attempted:
+        """Call ``provider`` until success, a final error, or a deferral to the broker."""
+        run = _Run(state, self.clock(), expires_at, clock=self.clock)
         while True:
             if expires_at is not None and self.clock() >= expires_at:
-                return Attempted(attempts, error=DeadlineExceeded())
-            attempts += 1
+                return Attempted(state, error=DeadlineExceeded())
             try:
-                return Attempted(attempts, success=await provider.execute(command))
+                run.paused += await gate.enter(deadline=expires_at, stopping=stopping)
+            except GateClosed as closed:
+                if closed.reason == "deadline":
+                    return Attempted(state, error=DeadlineExceeded())
+                return self._defer(run, 0.0)
+            state.attempts += 1
+            try:
+                success = await provider.execute(command)
             except PermanentError as exc:
-                return Attempted(attempts, error=exc)
+                gate.succeeded()
+                return Attempted(state, error=exc)
             except TransientError as exc:
-                wait = self._wait_before_retry(attempts, exc, budget_ends, expires_at)
-                if isinstance(wait, float):
-                    await self.sleep(wait)
-                    continue
-                return Attempted(attempts, error=wait)
+                gate.failed(getattr(exc, "retry_after_s", None))
+                outcome = await self._after_failure(run, exc, stopping)
+                if outcome is not None:
+                    return outcome
+            else:
+                gate.succeeded()
+                return Attempted(state, success=success)
 
-    def _wait_before_retry(
-        self,
-        attempts: int,
-        exc: TransientError,
-        budget_ends: float,
-        expires_at: float | None,
-    ) -> float | TransientError | DeadlineExceeded:
-        """How long to wait before the next call, or the error that ends the command now."""
-        if attempts >= self.policy.max_attempts:
-            return exc
-        delay = next_delay(self.policy, attempts, exc, self.rng)
-        resume = self.clock() + delay
-        if expires_at is not None and resume >= expires_at:
-            return DeadlineExceeded(provider=exc.provider)
-        if resume > budget_ends:
-            return exc
-        return delay
+    async def _after_failure(
+        self, run: _Run, exc: TransientError, stopping: asyncio.Event
+    ) -> Attempted | None:
+        """Wait before the next call (None), or end here: failed, expired or deferred."""
+        state = run.state
+        if state.first_failure_at is None:
+            state.first_failure_at = self.clock()
+        if state.attempts >= self.policy.max_attempts:
+            return Attempted(state, error=exc)
+        delay = next_delay(self.policy, state.attempts, exc, self.rng)
+        if run.expires_at is not None and self.clock() + delay >= run.expires_at:
+            return Attempted(state, error=DeadlineExceeded(provider=exc.provider))
+        if run.budget_used() + delay > self.policy.budget_s:
+            return Attempted(state, error=exc)
+        if delay > self.policy.inline_max_s or stopping.is_set():
+            return self._defer(run, delay)
+        began = self.clock()
+        if await self.sleep(delay, stopping):
+            return self._defer(run, max(delay - (self.clock() - began), 0.0))
+        return None
+
+    def _defer(self, run: _Run, delay: float) -> Attempted:
+        """Hand the rest of the wait to the broker, charging it to the budget now."""
+        run.state.budget_used_s = run.budget_used() + delay
+        return Attempted(run.state, defer_s=delay)

@@ -13,16 +13,19 @@ from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from worker.errors import ProviderName
+from worker.gate import GateConfig
 
 
 @dataclass(frozen=True, slots=True)
 class RetryPolicy:
     """In-process retries: exponential backoff with full jitter, capped three ways."""
 
-    max_attempts: int = 5
-    budget_s: float = 30.0
+    max_attempts: int = 6
+    budget_s: float = 120.0
     base_delay_s: float = 0.2
-    max_delay_s: float = 5.0
+    max_delay_s: float = 30.0
+    inline_max_s: float = 2.0
+    delay_tiers_s: tuple[float, ...] = (1.0, 5.0, 15.0, 30.0, 60.0, 120.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +54,15 @@ class Topology:
     dead_exchange: str = "conference.dead"
     dead_queue: str = "conference-worker.dead"
     delivery_limit: int = 5
+    delay_tiers_s: tuple[float, ...] = (1.0, 5.0, 15.0, 30.0, 60.0, 120.0)
+
+    def delay_queue(self, seconds: float) -> str:
+        """Name of the broker-held delay queue of one tier."""
+        return f"{self.commands_queue}.delay.{seconds:g}s"
+
+    def delay_tier(self, delay_s: float) -> float:
+        """The shortest tier that covers ``delay_s`` (the longest tier if none does)."""
+        return next((t for t in self.delay_tiers_s if t >= delay_s), self.delay_tiers_s[-1])
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,10 +101,18 @@ class Settings(BaseSettings):
     http_timeout_s: float = Field(10.0, gt=0)
     http_pool_size: int = Field(256, ge=1)
 
-    retry_max_attempts: int = Field(5, ge=1)
-    retry_budget_s: float = Field(30.0, gt=0)
+    retry_max_attempts: int = Field(6, ge=1)
+    retry_budget_s: float = Field(120.0, gt=0)
     retry_base_delay_s: float = Field(0.2, gt=0)
-    retry_max_delay_s: float = Field(5.0, gt=0)
+    retry_max_delay_s: float = Field(30.0, gt=0)
+    retry_inline_max_s: float = Field(2.0, ge=0)
+    retry_delay_tiers_s: tuple[float, ...] = (1.0, 5.0, 15.0, 30.0, 60.0, 120.0)
+
+    breaker_failures: int = Field(5, ge=1)
+    breaker_cooldown_s: float = Field(5.0, gt=0)
+    breaker_max_cooldown_s: float = Field(30.0, gt=0)
+    vinix_rate_limit_rps: float = Field(0.0, ge=0)
+    telnyx_rate_limit_rps: float = Field(0.0, ge=0)
 
     prefetch: int = Field(256, ge=1, le=2000)
     max_body_bytes: int = Field(256 * 1024, ge=1024)
@@ -112,6 +132,18 @@ class Settings(BaseSettings):
             budget_s=self.retry_budget_s,
             base_delay_s=self.retry_base_delay_s,
             max_delay_s=self.retry_max_delay_s,
+            inline_max_s=self.retry_inline_max_s,
+            delay_tiers_s=tuple(sorted(self.retry_delay_tiers_s)),
+        )
+
+    def gate(self, name: ProviderName) -> GateConfig:
+        return GateConfig(
+            failure_threshold=self.breaker_failures,
+            cooldown_s=self.breaker_cooldown_s,
+            max_cooldown_s=self.breaker_max_cooldown_s,
+            rate_limit_rps=self.vinix_rate_limit_rps
+            if name == "vinix"
+            else self.telnyx_rate_limit_rps,
         )
 
     def topology(self) -> Topology:
@@ -122,6 +154,7 @@ class Settings(BaseSettings):
             dead_exchange=self.dead_exchange,
             dead_queue=self.dead_queue,
             delivery_limit=self.delivery_limit,
+            delay_tiers_s=tuple(sorted(self.retry_delay_tiers_s)),
         )
 
     def consumer(self) -> ConsumerConfig:

@@ -20,7 +20,7 @@ from worker import contract
 from worker.messages import Command, ResultEvent
 
 ROOT = Path(__file__).resolve().parents[2]
-CONTRACT_MD = ROOT.parent / "shared" / "CONTRACT.md"
+CONTRACT_MD = ROOT / "CONTRACT.md"
 REGENERATE = (
     '.venv/bin/python -c "from pathlib import Path; from worker.contract import write; '
     "write(Path('schemas'))\"  (or: conference-worker schemas)"

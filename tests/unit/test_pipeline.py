@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -11,9 +12,10 @@ import pytest
 
 from worker.dedup.memory import MemoryDedupStore
 from worker.errors import ProviderAnswer, ProviderName, ProviderRejected, ProviderUnavailable
-from worker.pipeline import Pipeline
+from worker.gate import Gate, GateConfig
+from worker.pipeline import Delivery, Outcome, Pipeline
 from worker.providers import ProviderSuccess
-from worker.retry import Retrier
+from worker.retry import Retrier, RetryState
 from worker.settings import DedupConfig, RetryPolicy
 
 LIMIT = 256 * 1024
@@ -41,8 +43,9 @@ class FakeProvider:
         pass
 
 
-async def no_sleep(_: float) -> None:
+async def no_sleep(_: float, stopping: asyncio.Event) -> bool:
     await asyncio.sleep(0)
+    return stopping.is_set()
 
 
 def make(vinix: FakeProvider | None = None, telnyx: FakeProvider | None = None) -> Pipeline:
@@ -51,10 +54,17 @@ def make(vinix: FakeProvider | None = None, telnyx: FakeProvider | None = None) 
             "vinix": vinix or FakeProvider("vinix"),
             "telnyx": telnyx or FakeProvider("telnyx"),
         },
+        gates={
+            name: Gate(name, GateConfig(failure_threshold=1000)) for name in ("vinix", "telnyx")
+        },
         dedup=MemoryDedupStore(DedupConfig(url="memory://", lease_s=60)),
         retrier=Retrier(RetryPolicy(max_attempts=3), sleep=no_sleep),
         max_body_bytes=LIMIT,
     )
+
+
+async def process(pipeline: Pipeline, body: bytes) -> Outcome:
+    return await pipeline.process(Delivery(body))
 
 
 def role(**overrides: Any) -> bytes:
@@ -71,7 +81,7 @@ def role(**overrides: Any) -> bytes:
 
 async def test_success_builds_a_succeeded_event() -> None:
     """A provider 2xx gives status succeeded, attempts 1, the provider's data, no dead letter."""
-    outcome = await make().process(role())
+    outcome = await process(make(), role())
     assert outcome.status == "succeeded"
     assert outcome.routing_key == "conference.supervisor_role.succeeded"
     assert not outcome.dead_letter
@@ -83,7 +93,7 @@ async def test_success_builds_a_succeeded_event() -> None:
 async def test_invalid_message_is_rejected_without_a_provider_call() -> None:
     """A schema violation ends rejected/invalid_command, dead-lettered, with 0 attempts."""
     telnyx = FakeProvider("telnyx")
-    outcome = await make(telnyx=telnyx).process(role(supervisor_role="shout"))
+    outcome = await process(make(telnyx=telnyx), role(supervisor_role="shout"))
     assert (outcome.status, outcome.event["error"]["code"], outcome.dead_letter) == (
         "rejected",
         "invalid_command",
@@ -95,7 +105,7 @@ async def test_invalid_message_is_rejected_without_a_provider_call() -> None:
 
 async def test_unreadable_type_routes_as_unknown() -> None:
     """A message whose type cannot be read is answered on unknown.rejected."""
-    outcome = await make().process(b"{oops")
+    outcome = await process(make(), b"{oops")
     assert outcome.routing_key == "unknown.rejected"
     assert outcome.event["command_id"] is None
 
@@ -104,8 +114,8 @@ async def test_duplicate_after_success_is_replayed_without_calling() -> None:
     """The same command again is answered from the store with duplicate: true and 0 attempts."""
     telnyx = FakeProvider("telnyx")
     pipeline = make(telnyx=telnyx)
-    first = await pipeline.process(role())
-    again = await pipeline.process(role(issued_at="2026-01-01T00:00:00Z"))
+    first = await process(pipeline, role())
+    again = await process(pipeline, role(issued_at="2026-01-01T00:00:00Z"))
     assert telnyx.calls == 1
     assert (again.status, again.event["duplicate"], again.event["attempts"]) == (
         "succeeded",
@@ -119,14 +129,14 @@ async def test_duplicate_after_success_is_replayed_without_calling() -> None:
 async def test_conflicting_payload_is_rejected_and_store_untouched() -> None:
     """Same command_id, other payload: rejected idempotency_conflict; the original still replays."""
     pipeline = make()
-    await pipeline.process(role())
-    conflict = await pipeline.process(role(supervisor_role="barge"))
+    await process(pipeline, role())
+    conflict = await process(pipeline, role(supervisor_role="barge"))
     assert (conflict.status, conflict.event["error"]["code"]) == (
         "rejected",
         "idempotency_conflict",
     )
     assert conflict.dead_letter
-    replay = await pipeline.process(role())
+    replay = await process(pipeline, role())
     assert replay.event["duplicate"] is True
 
 
@@ -135,8 +145,8 @@ async def test_concurrent_duplicates_never_run_in_parallel() -> None:
     telnyx = FakeProvider("telnyx")
     telnyx.gate = asyncio.Event()
     pipeline = make(telnyx=telnyx)
-    first = asyncio.create_task(pipeline.process(role()))
-    second = asyncio.create_task(pipeline.process(role()))
+    first = asyncio.create_task(process(pipeline, role()))
+    second = asyncio.create_task(process(pipeline, role()))
     await asyncio.sleep(0.1)
     assert telnyx.calls == 1
     telnyx.gate.set()
@@ -149,8 +159,8 @@ async def test_provider_rejection_is_remembered() -> None:
     """A provider 4xx ends rejected and is not carried out again when redelivered."""
     telnyx = FakeProvider("telnyx", ProviderRejected("provider_not_found", "gone"))
     pipeline = make(telnyx=telnyx)
-    first = await pipeline.process(role())
-    again = await pipeline.process(role())
+    first = await process(pipeline, role())
+    again = await process(pipeline, role())
     assert (first.status, first.event["error"]["code"], first.event["attempts"]) == (
         "rejected",
         "provider_not_found",
@@ -164,9 +174,9 @@ async def test_failed_command_is_released_and_runs_again() -> None:
     down = [ProviderUnavailable("provider_unavailable", "503") for _ in range(3)]
     telnyx = FakeProvider("telnyx", *down)
     pipeline = make(telnyx=telnyx)
-    failed = await pipeline.process(role())
+    failed = await process(pipeline, role())
     assert (failed.status, failed.event["attempts"], failed.dead_letter) == ("failed", 3, True)
-    retried = await pipeline.process(role())
+    retried = await process(pipeline, role())
     assert (retried.status, retried.event["duplicate"], telnyx.calls) == ("succeeded", False, 4)
 
 
@@ -175,20 +185,92 @@ async def test_expired_command_is_not_sent_and_released() -> None:
     telnyx = FakeProvider("telnyx")
     past = (datetime.now(UTC) - timedelta(seconds=1)).isoformat()
     pipeline = make(telnyx=telnyx)
-    outcome = await pipeline.process(role(expires_at=past))
+    outcome = await process(pipeline, role(expires_at=past))
     assert (outcome.status, outcome.event["error"]["code"], outcome.event["attempts"]) == (
         "expired",
         "expired",
         0,
     )
     assert telnyx.calls == 0
-    again = await pipeline.process(role())
+    again = await process(pipeline, role())
     assert again.status == "succeeded"
 
 
 @pytest.mark.parametrize("body", [b"", b"null", b"[]", b"{}", b"\x00" * 10, b'{"type": null}'])
 async def test_hostile_bodies_end_rejected(body: bytes) -> None:
     """Whatever the body, the pipeline returns a rejected outcome rather than raising."""
-    outcome = await make().process(body)
+    outcome = await process(make(), body)
     assert outcome.status == "rejected"
     assert outcome.dead_letter
+
+
+def at(seconds: int) -> str:
+    return datetime(2026, 1, 1, tzinfo=UTC).replace(second=seconds).isoformat()
+
+
+async def test_older_command_for_a_target_is_superseded() -> None:
+    """A command issued before the last one applied to the same call ends rejected/superseded."""
+    telnyx = FakeProvider("telnyx")
+    pipeline = make(telnyx=telnyx)
+    newer = await process(
+        pipeline, role(command_id="new", issued_at=at(10), supervisor_role="barge")
+    )
+    older = await process(pipeline, role(command_id="old", issued_at=at(5)))
+    assert newer.status == "succeeded"
+    assert (older.status, older.event["error"]["code"], older.dead_letter) == (
+        "rejected",
+        "superseded",
+        True,
+    )
+    assert telnyx.calls == 1
+
+
+async def test_other_targets_are_not_superseded() -> None:
+    """Staleness is per target: an older command for another call still runs."""
+    pipeline = make()
+    await process(pipeline, role(command_id="a", issued_at=at(10)))
+    other = await process(
+        pipeline, role(command_id="b", issued_at=at(5), call_control_id="v3:other")
+    )
+    assert other.status == "succeeded"
+
+
+async def test_same_target_runs_in_arrival_order_one_at_a_time() -> None:
+    """Commands for one target run one at a time, in the order they arrived."""
+    order: list[str] = []
+
+    class Recording(FakeProvider):
+        async def execute(self, command: Any) -> ProviderSuccess:
+            order.append(command.command_id)
+            await asyncio.sleep(0.01 if command.command_id == "c0" else 0)
+            return await super().execute(command)
+
+    pipeline = make(telnyx=Recording("telnyx"))
+    ids = [f"c{n}" for n in range(5)]
+    await asyncio.gather(*(process(pipeline, role(command_id=i)) for i in ids))
+    assert order == ids
+
+
+async def test_long_backoff_defers_and_releases_the_claim() -> None:
+    """A Retry-After beyond the inline limit defers the command and frees its command_id."""
+    telnyx = FakeProvider("telnyx", ProviderUnavailable("rate_limited", "429", retry_after_s=30))
+    pipeline = make(telnyx=telnyx)
+    deferred = await process(pipeline, role())
+    assert deferred.defer_s == 30
+    assert deferred.retry is not None
+    assert deferred.retry.attempts == 1
+    pipeline.gates = {"telnyx": Gate("telnyx")}  # 30 s later: the Retry-After hold has passed
+    back = await pipeline.process(Delivery(role(), deferred.retry))
+    assert (back.status, back.event["attempts"]) == ("succeeded", 2)
+
+
+async def test_a_deferred_command_returning_early_is_deferred_again() -> None:
+    """Back before its not-before time (a short delay tier), the command waits again, uncalled."""
+    telnyx = FakeProvider("telnyx")
+    pipeline = make(telnyx=telnyx)
+    outcome = await pipeline.process(
+        Delivery(role(), RetryState(attempts=1), not_before=time.time() + 60)
+    )
+    assert outcome.defer_s is not None
+    assert outcome.defer_s > 50
+    assert telnyx.calls == 0

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
 
 from worker.errors import ProviderAnswer, ProviderName, ProviderRejected, ProviderUnavailable
+from worker.gate import BreakerState, Gate, GateConfig
 from worker.providers import ProviderSuccess
-from worker.retry import Retrier, backoff_delay, next_delay
+from worker.retry import Attempted, Retrier, RetryState, backoff_delay, next_delay
 from worker.settings import RetryPolicy
 
 OK = ProviderSuccess({"result": "ok"}, ProviderAnswer("telnyx", 200))
@@ -22,9 +24,12 @@ class FakeClock:
     def __call__(self) -> float:
         return self.now
 
-    async def sleep(self, seconds: float) -> None:
+    async def sleep(self, seconds: float, stopping: asyncio.Event) -> bool:
+        if stopping.is_set():
+            return True
         self.sleeps.append(seconds)
         self.now += seconds
+        return False
 
 
 class Scripted:
@@ -53,6 +58,26 @@ def unavailable(retry_after: float | None = None) -> ProviderUnavailable:
 
 def retrier(clock: FakeClock, **policy: Any) -> Retrier:
     return Retrier(RetryPolicy(**policy), clock=clock, sleep=clock.sleep, rng=lambda: 1.0)
+
+
+async def run(
+    clock: FakeClock,
+    provider: Scripted,
+    *,
+    expires_at: float | None = None,
+    state: RetryState | None = None,
+    stopping: asyncio.Event | None = None,
+    gate: Gate | None = None,
+    **policy: Any,
+) -> Attempted:
+    return await retrier(clock, **policy).run(
+        provider,
+        gate or Gate("telnyx", GateConfig(failure_threshold=100), clock=clock),
+        None,
+        state=state or RetryState(),
+        expires_at=expires_at,
+        stopping=stopping or asyncio.Event(),
+    )
 
 
 def test_backoff_is_exponential_and_capped() -> None:
@@ -85,7 +110,7 @@ async def test_success_after_two_transient_failures_counts_three_attempts() -> N
     """503, 503, then 200: the command succeeds with attempts == 3."""
     clock = FakeClock()
     provider = Scripted(unavailable(), unavailable(), OK)
-    result = await retrier(clock).run(provider, None, expires_at=None)
+    result = await run(clock, provider, expires_at=None)
     assert result.success is OK
     assert result.attempts == 3
     assert clock.sleeps == [0.2, 0.4]
@@ -95,7 +120,7 @@ async def test_permanent_error_is_not_retried() -> None:
     """A 4xx the provider will always refuse ends the command after one attempt."""
     clock = FakeClock()
     rejected = ProviderRejected("provider_not_found", "404")
-    result = await retrier(clock).run(Scripted(rejected), None, expires_at=None)
+    result = await run(clock, Scripted(rejected), expires_at=None)
     assert result.error is rejected
     assert result.attempts == 1
 
@@ -104,7 +129,7 @@ async def test_attempts_cap_ends_in_the_last_transient_error() -> None:
     """After max_attempts transient failures the command fails with the last error."""
     clock = FakeClock()
     provider = Scripted(*[unavailable() for _ in range(3)])
-    result = await retrier(clock, max_attempts=3).run(provider, None, expires_at=None)
+    result = await run(clock, provider, expires_at=None, max_attempts=3)
     assert isinstance(result.error, ProviderUnavailable)
     assert result.attempts == 3
 
@@ -113,7 +138,7 @@ async def test_budget_cap_stops_before_a_wait_that_would_overrun_it() -> None:
     """A retry that would start after the time budget is not made."""
     clock = FakeClock()
     provider = Scripted(unavailable(retry_after=10.0), OK)
-    result = await retrier(clock, budget_s=5.0).run(provider, None, expires_at=None)
+    result = await run(clock, provider, expires_at=None, budget_s=5.0)
     assert isinstance(result.error, ProviderUnavailable)
     assert result.attempts == 1
     assert clock.sleeps == []
@@ -123,7 +148,7 @@ async def test_deadline_in_the_past_makes_no_call() -> None:
     """A command already past expires_at is never sent: expired with 0 attempts."""
     clock = FakeClock()
     provider = Scripted(OK)
-    result = await retrier(clock).run(provider, None, expires_at=clock.now - 1)
+    result = await run(clock, provider, expires_at=clock.now - 1)
     assert result.error is not None
     assert result.error.code == "expired"
     assert (result.attempts, provider.calls) == (0, 0)
@@ -133,7 +158,7 @@ async def test_wait_past_the_deadline_expires_at_once() -> None:
     """When the next retry would start after expires_at, the command expires without waiting."""
     clock = FakeClock()
     provider = Scripted(unavailable(retry_after=30.0), OK)
-    result = await retrier(clock).run(provider, None, expires_at=clock.now + 10)
+    result = await run(clock, provider, expires_at=clock.now + 10)
     assert result.error is not None
     assert result.error.status == "expired"
     assert result.attempts == 1
@@ -145,5 +170,68 @@ async def test_attempt_count_matches_provider_calls(attempts: int) -> None:
     """``attempts`` is exactly the number of provider calls made."""
     clock = FakeClock()
     provider = Scripted(*[unavailable() for _ in range(attempts - 1)], OK)
-    result = await retrier(clock, max_attempts=5).run(provider, None, expires_at=None)
+    result = await run(clock, provider, expires_at=None, max_attempts=5)
     assert result.attempts == provider.calls == attempts
+
+
+async def test_long_wait_is_deferred_to_the_broker_with_its_state() -> None:
+    """A wait longer than inline_max_s leaves the consumer: deferred, attempts and budget kept."""
+    clock = FakeClock()
+    provider = Scripted(unavailable(retry_after=20.0))
+    result = await run(clock, provider, inline_max_s=2.0)
+    assert result.defer_s == 20.0
+    assert result.state.attempts == 1
+    assert result.state.budget_used_s == pytest.approx(20.0)
+    assert result.state.first_failure_at == clock.now
+
+
+async def test_a_deferred_command_continues_its_count() -> None:
+    """Back from the delay, attempts continue where they were and the budget keeps running."""
+    clock = FakeClock()
+    state = RetryState(attempts=2, budget_used_s=100.0, first_failure_at=clock.now - 100)
+    provider = Scripted(unavailable(retry_after=30.0))
+    result = await run(clock, provider, state=state, budget_s=120.0)
+    assert isinstance(result.error, ProviderUnavailable)
+    assert result.attempts == 3
+    ok = await run(clock, Scripted(OK), state=RetryState(attempts=3))
+    assert (ok.success, ok.attempts) == (OK, 4)
+
+
+async def test_stopping_defers_instead_of_sleeping() -> None:
+    """During shutdown a backoff is handed to the broker rather than slept."""
+    clock = FakeClock()
+    stopping = asyncio.Event()
+    stopping.set()
+    result = await run(clock, Scripted(unavailable(), OK), stopping=stopping)
+    assert result.defer_s is not None
+    assert result.attempts == 1
+
+
+async def test_open_breaker_waits_without_charging_the_budget() -> None:
+    """Time spent waiting for an open breaker is not charged to the retry budget."""
+    gate = Gate("telnyx", GateConfig(failure_threshold=1, cooldown_s=0.2))
+    gate.failed()
+    retrier = Retrier(RetryPolicy(budget_s=0.1, base_delay_s=0.01), rng=lambda: 1.0)
+    result = await retrier.run(
+        Scripted(unavailable(), OK),
+        gate,
+        None,
+        state=RetryState(),
+        expires_at=None,
+        stopping=asyncio.Event(),
+    )
+    assert result.success is OK
+    assert result.attempts == 2
+    assert gate.state is BreakerState.CLOSED
+
+
+async def test_deadline_passing_at_an_open_breaker_expires() -> None:
+    """A command whose expires_at passes while the breaker is open ends expired, uncalled."""
+    clock = FakeClock()
+    gate = Gate("telnyx", GateConfig(failure_threshold=1, cooldown_s=1_000.0), clock=clock)
+    gate.failed()
+    provider = Scripted(OK)
+    result = await run(clock, provider, gate=gate, expires_at=clock.now + 0.001)
+    assert result.error is not None
+    assert result.error.code == "expired"
+    assert provider.calls == 0
