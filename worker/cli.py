@@ -191,8 +191,17 @@ def dlq_show(command_id: str) -> None:
 @dlq.command("replay")
 @_dlq_filters
 @click.option("--rate", help="At most N per second (a token bucket), e.g. 500/s.")
+@click.option(
+    "--in-flight",
+    default=1,
+    show_default=True,
+    type=click.IntRange(1, 256),
+    help="Publishes awaiting their confirm at once; each dead letter is removed after its own.",
+)
 @click.option("--dry-run", is_flag=True, help="Only list what would be replayed.")
-def dlq_replay(rate: str | None, dry_run: bool, limit: int | None, **filters: str | None) -> None:
+def dlq_replay(
+    rate: str | None, in_flight: int, dry_run: bool, limit: int | None, **filters: str | None
+) -> None:
     """Publish dead letters back to the commands exchange, each confirmed before it is removed.
 
     Ctrl-C finishes the message in hand and exits 130; run the same command again to resume.
@@ -207,7 +216,10 @@ def dlq_replay(rate: str | None, dry_run: bool, limit: int | None, **filters: st
         title = f"would replay {len(letters)} of {total} dead letter(s)"
         Console().print(r.letters_table(letters, title))
         return
-    report = r.run(r.replay(target, flt, limit, per_s, Console(stderr=True)))
+    console = Console(stderr=True)
+    report = r.run(
+        r.replay(target, flt, limit, rate=per_s, in_flight=in_flight, console=console)
+    )
     click.echo(r.replay_summary(report))
     if report.interrupted:
         click.echo("interrupted: run the same command again to resume", err=True)

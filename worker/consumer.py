@@ -39,7 +39,8 @@ H_BUDGET_USED = "cw-budget-used-s"
 H_FIRST_FAILURE = "cw-first-failure-at"
 H_NOT_BEFORE = "cw-not-before"
 H_ROUTING_KEY = "cw-routing-key"
-RETRY_HEADERS = (H_ATTEMPTS, H_BUDGET_USED, H_FIRST_FAILURE, H_NOT_BEFORE, H_ROUTING_KEY)
+H_PROBES = "cw-probes"
+RETRY_HEADERS = (H_ATTEMPTS, H_BUDGET_USED, H_FIRST_FAILURE, H_NOT_BEFORE, H_ROUTING_KEY, H_PROBES)
 
 
 def _number(value: Any) -> float | None:
@@ -56,6 +57,7 @@ def delivery_of(message: AbstractIncomingMessage) -> Delivery:
         attempts=max(int(attempts), 0),
         budget_used_s=max(_number(headers.get(H_BUDGET_USED)) or 0.0, 0.0),
         first_failure_at=_number(headers.get(H_FIRST_FAILURE)),
+        probes=max(int(_number(headers.get(H_PROBES)) or 0), 0),
     )
     return Delivery(message.body, retry, _number(headers.get(H_NOT_BEFORE)))
 
@@ -107,6 +109,7 @@ class Publisher:
                 H_FIRST_FAILURE: retry.first_failure_at or datetime.now(UTC).timestamp(),
                 H_NOT_BEFORE: datetime.now(UTC).timestamp() + delay_s,
                 H_ROUTING_KEY: original_routing_key(message),
+                H_PROBES: retry.probes,
             }
         )
         delayed = _copy(message, headers)

@@ -24,17 +24,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol
 
 import aio_pika
 import orjson
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage
 from aio_pika.exceptions import ChannelNotFoundEntity, DeliveryError
-
-T = TypeVar("T")
 
 #: The headers the worker adds to a dead letter (``consumer._dead_letter``).
 OUR_HEADERS = frozenset(
@@ -308,14 +306,16 @@ async def replay(
     *,
     limit: int | None = None,
     pace: Callable[[], float] | None = None,
+    in_flight: int = 1,
     stop: asyncio.Event,
     progress: Progress,
 ) -> ReplayReport:
     """Publish each matching dead letter back to ``exchange_name``, confirmed, then ack it.
 
-    ``channel`` must have publisher confirms on.  One message at a time; ``pace`` says how long to
-    wait before each (a token bucket's :meth:`reserve`); setting ``stop`` ends the run after the
-    message in hand.  Dead letters that this very run put back (failed again) are left alone.
+    ``channel`` must have publisher confirms on.  Each dead letter is acked only after the confirm
+    of its own publish; ``in_flight`` such pairs may run at once (1: strictly one at a time).
+    ``pace`` says how long to wait before each (a token bucket's ``reserve``); setting ``stop``
+    ends the run once the pairs in hand are done.  Dead letters this run put back are skipped.
     """
     if not channel.publisher_confirms:
         raise ValueError("replay needs a channel with publisher confirms")
@@ -331,34 +331,58 @@ async def replay(
         if item.letter.replayed_at is None or item.letter.replayed_at < started_at
     ]
     chosen = chosen if limit is None else chosen[:limit]
-    return await replay_held(exchange, chosen, pace, stop, progress)
+    return await replay_held(
+        exchange, chosen, pace, stop=stop, progress=progress, in_flight=in_flight
+    )
 
 
 async def replay_held(
     exchange: AbstractExchange,
     chosen: list[Held],
     pace: Callable[[], float] | None,
+    *,
     stop: asyncio.Event,
     progress: Progress,
+    in_flight: int = 1,
 ) -> ReplayReport:
-    """Replay ``chosen`` in order, one at a time: publish, confirm, ack (see :func:`replay`)."""
-    replayed = refused = 0
+    """Replay ``chosen`` in order (see :func:`replay`); at most ``in_flight`` pairs at once.
+
+    Each pair runs in a task of its own, so neither ``stop`` nor cancelling this coroutine cuts
+    one short: both wait for the pairs in hand to finish.
+    """
+    outcomes: list[bool] = []
+    pending: set[asyncio.Task[bool]] = set()
     began = time.monotonic()
     progress.start(len(chosen))
     try:
         for item in chosen:
+            if len(pending) >= in_flight:
+                await _settle(pending, outcomes, progress, asyncio.FIRST_COMPLETED)
             if stop.is_set() or (pace is not None and await _wait(pace(), stop)):
                 break
-            if await _shielded(_replay_one(exchange, item)):
-                replayed += 1
-            else:
-                refused += 1
-            progress.advance()
+            pending.add(asyncio.ensure_future(_replay_one(exchange, item)))
+        await _settle(pending, outcomes, progress, asyncio.ALL_COMPLETED)
     finally:
+        if pending:  # cancelled or failed: let the pairs in hand complete all the same
+            await asyncio.wait(pending)
         progress.stop()
+    replayed = sum(outcomes)
+    interrupted = len(outcomes) < len(chosen)
     elapsed = time.monotonic() - began
-    interrupted = replayed + refused < len(chosen)
-    return ReplayReport(len(chosen), replayed, refused, interrupted, elapsed)
+    return ReplayReport(len(chosen), replayed, len(outcomes) - replayed, interrupted, elapsed)
+
+
+async def _settle(
+    pending: set[asyncio.Task[bool]], outcomes: list[bool], progress: Progress, when: str
+) -> None:
+    """Wait for one (or every) pending pair; record outcomes (a broker error is raised here)."""
+    if not pending:
+        return
+    done, _ = await asyncio.wait(pending, return_when=when)
+    for task in done:
+        pending.discard(task)
+        outcomes.append(task.result())
+        progress.advance()
 
 
 async def _wait(delay: float, stop: asyncio.Event) -> bool:
@@ -378,13 +402,3 @@ async def _replay_one(exchange: AbstractExchange, item: Held) -> bool:
         return False
     await item.message.ack()
     return True
-
-
-async def _shielded(work: Awaitable[T]) -> T:
-    """Run ``work`` to the end even if the caller is cancelled meanwhile (then re-raise)."""
-    task = asyncio.ensure_future(work)
-    try:
-        return await asyncio.shield(task)
-    except asyncio.CancelledError:
-        await asyncio.wait([task])
-        raise

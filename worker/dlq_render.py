@@ -321,7 +321,13 @@ async def purge(
 
 
 async def replay(
-    target: Target, flt: Filter, limit: int | None, rate: float | None, console: Console
+    target: Target,
+    flt: Filter,
+    limit: int | None,
+    *,
+    rate: float | None,
+    in_flight: int,
+    console: Console,
 ) -> dlq.ReplayReport:
     """Replay with a progress bar; SIGINT/SIGTERM finish the message in hand, then stop."""
     stop = asyncio.Event()
@@ -335,6 +341,7 @@ async def replay(
                 flt,
                 limit=limit,
                 pace=pace,
+                in_flight=in_flight,
                 stop=stop,
                 progress=RichProgress(console),
             )

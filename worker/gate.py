@@ -71,6 +71,7 @@ class Gate:
         """Wait for permission to call; return the seconds spent waiting on an unhealthy provider.
 
         Raises :class:`GateClosed` when ``stopping`` is set or ``deadline`` (on ``clock``) passes.
+        After it returns, :attr:`probing` tells whether this call is the half-open probe.
         """
         waited = 0.0
         while True:
@@ -85,6 +86,11 @@ class Gate:
             started = self.clock()
             await self._sleep(wait, deadline, stopping)
             waited += self.clock() - started
+
+    @property
+    def probing(self) -> bool:
+        """A probe call is out (half-open)."""
+        return self._probing
 
     def succeeded(self) -> None:
         """The provider answered (2xx, or a 4xx that proves it is up)."""

@@ -47,6 +47,7 @@ class RetryState:
     attempts: int = 0
     budget_used_s: float = 0.0
     first_failure_at: float | None = None
+    probes: int = 0  # failed breaker probes: calls made on everyone's behalf, not capped
 
 
 @dataclass(slots=True)
@@ -123,6 +124,7 @@ class Retrier:
                     return Attempted(state, error=DeadlineExceeded())
                 return self._defer(run, 0.0)
             state.attempts += 1
+            probe = gate.probing
             try:
                 success = await provider.execute(command)
             except PermanentError as exc:
@@ -130,6 +132,7 @@ class Retrier:
                 return Attempted(state, error=exc)
             except TransientError as exc:
                 gate.failed(getattr(exc, "retry_after_s", None))
+                state.probes += probe
                 outcome = await self._after_failure(run, exc, stopping)
                 if outcome is not None:
                     return outcome
@@ -144,7 +147,7 @@ class Retrier:
         state = run.state
         if state.first_failure_at is None:
             state.first_failure_at = self.clock()
-        if state.attempts >= self.policy.max_attempts:
+        if state.attempts - state.probes >= self.policy.max_attempts:
             return Attempted(state, error=exc)
         delay = next_delay(self.policy, state.attempts, exc, self.rng)
         if run.expires_at is not None and self.clock() + delay >= run.expires_at:

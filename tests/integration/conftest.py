@@ -7,9 +7,12 @@ so tests never see each other's messages and leave nothing behind.
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import subprocess
+import sys
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -216,3 +219,112 @@ async def worker_factory(prefix: str, sandbox: Sandbox) -> AsyncIterator[WorkerF
         channel = await connection.channel()
         for settings in made[:1]:
             await topology.delete(channel, settings.topology())
+
+
+def worker_env(prefix: str, sandbox: Sandbox, **overrides: Any) -> dict[str, str]:
+    """Environment for a worker process on the test's topology, using the sandbox's keys."""
+    settings = worker_settings(prefix)
+    fx = sandbox.fixtures
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CW_")}
+    env.update(
+        {
+            "CW_AMQP_URL": AMQP_URL,
+            "CW_DEDUP_URL": REDIS_URL,
+            "CW_COMMANDS_EXCHANGE": settings.commands_exchange,
+            "CW_COMMANDS_QUEUE": settings.commands_queue,
+            "CW_RESULTS_EXCHANGE": settings.results_exchange,
+            "CW_DEAD_EXCHANGE": settings.dead_exchange,
+            "CW_DEAD_QUEUE": settings.dead_queue,
+            "CW_VINIX_BASE_URL": sandbox.base_url,
+            "CW_VINIX_API_KEY": fx["vinix"]["api_key"],
+            "CW_TELNYX_BASE_URL": sandbox.base_url,
+            "CW_TELNYX_API_KEY": fx["telnyx"]["api_key"],
+            "CW_RETRY_BASE_DELAY_S": "0.05",
+            "CW_LOG_LEVEL": "WARNING",
+        }
+    )
+    env.update({f"CW_{key.upper()}": str(value) for key, value in overrides.items()})
+    return env
+
+
+class Processes:
+    """Worker processes started by a test; whatever is left running is stopped at the end."""
+
+    def __init__(self) -> None:
+        self.started: list[subprocess.Popen[bytes]] = []
+
+    def spawn(self, env: dict[str, str], *args: str) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen([sys.executable, "-m", "worker", "run", *args], env=env)
+        self.started.append(proc)
+        return proc
+
+    def stop_all(self) -> None:
+        for proc in self.started:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.started:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+@pytest.fixture
+def processes() -> Iterator[Processes]:
+    running = Processes()
+    yield running
+    running.stop_all()
+
+
+async def wait_for_consumers(channel: aio_pika.abc.AbstractChannel, queue: str, count: int) -> None:
+    """Until ``queue`` has at least ``count`` consumers (a started worker is consuming)."""
+    async with asyncio.timeout(30):
+        while True:
+            declared = await channel.declare_queue(queue, passive=True)
+            if (declared.declaration_result.consumer_count or 0) >= count:
+                return
+            await asyncio.sleep(0.1)
+
+
+@dataclass
+class Broker:
+    """A test's own connection: declare the topology, publish, read results by command id."""
+
+    settings: Settings
+    channel: aio_pika.abc.AbstractChannel
+    results: aio_pika.abc.AbstractQueue
+
+    async def publish_all(self, bodies: list[dict[str, Any]]) -> None:
+        exchange = await self.channel.get_exchange(self.settings.commands_exchange)
+        for body in bodies:
+            message = aio_pika.Message(
+                orjson.dumps(body), delivery_mode=aio_pika.DeliveryMode.PERSISTENT
+            )
+            await exchange.publish(message, str(body["type"]))
+
+    async def collect(self, count: int, timeout_s: float) -> list[dict[str, Any]]:
+        got: list[dict[str, Any]] = []
+        async with asyncio.timeout(timeout_s):
+            while len(got) < count:
+                message = await self.results.get(fail=False)
+                if message is None:
+                    await asyncio.sleep(0.02)
+                    continue
+                await message.ack()
+                got.append(orjson.loads(message.body))
+        return got
+
+
+@pytest.fixture
+async def broker(prefix: str) -> AsyncIterator[Broker]:
+    """The test's topology, declared, with a queue of every result event; removed afterwards."""
+    settings = worker_settings(prefix)
+    connection = await aio_pika.connect(AMQP_URL)
+    async with connection:
+        channel = await connection.channel()
+        await topology.declare(channel, settings.topology())
+        results = await channel.declare_queue(f"{prefix}.test-results")
+        await results.bind(settings.results_exchange, "#")
+        yield Broker(settings, channel, results)
+        await channel.queue_delete(f"{prefix}.test-results")
+        await topology.delete(channel, settings.topology())

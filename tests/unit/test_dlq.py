@@ -324,7 +324,7 @@ async def test_replay_publishes_and_confirms_before_it_acks_each_dead_letter() -
     """One at a time: publish (confirmed), then ack, then the next; progress starts and stops."""
     journal = Journal()
     report = await dlq.replay_held(
-        cast(Any, journal), journal.held("a", "b"), None, asyncio.Event(), journal
+        cast(Any, journal), journal.held("a", "b"), None, stop=asyncio.Event(), progress=journal
     )
     assert journal.events == [("publish", "a"), ("ack", "a"), ("publish", "b"), ("ack", "b")]
     assert (report.matched, report.replayed, report.remaining, report.interrupted) == (
@@ -340,7 +340,11 @@ async def test_a_refused_publish_leaves_the_dead_letter_unacked() -> None:
     """A nacked or unroutable publish is counted as refused; that dead letter stays."""
     journal = Journal(refuse=frozenset({"b"}))
     report = await dlq.replay_held(
-        cast(Any, journal), journal.held("a", "b", "c"), None, asyncio.Event(), journal
+        cast(Any, journal),
+        journal.held("a", "b", "c"),
+        None,
+        stop=asyncio.Event(),
+        progress=journal,
     )
     assert ("ack", "b") not in journal.events
     assert (report.replayed, report.refused, report.remaining) == (2, 1, 1)
@@ -351,7 +355,7 @@ async def test_stop_ends_the_replay_after_the_message_in_hand() -> None:
     journal, stop = Journal(), asyncio.Event()
     journal.on_advance = stop.set
     report = await dlq.replay_held(
-        cast(Any, journal), journal.held("a", "b", "c"), None, stop, journal
+        cast(Any, journal), journal.held("a", "b", "c"), None, stop=stop, progress=journal
     )
     assert journal.events == [("publish", "a"), ("ack", "a")]
     assert (report.replayed, report.remaining, report.interrupted) == (1, 2, True)
@@ -363,7 +367,7 @@ async def test_stop_interrupts_a_pacing_wait() -> None:
     asyncio.get_running_loop().call_later(0.05, stop.set)
     async with asyncio.timeout(2):
         report = await dlq.replay_held(
-            cast(Any, journal), journal.held("a"), lambda: 60.0, stop, journal
+            cast(Any, journal), journal.held("a"), lambda: 60.0, stop=stop, progress=journal
         )
     assert (report.replayed, report.interrupted, journal.events) == (0, True, [])
 
@@ -373,7 +377,9 @@ async def test_cancelling_mid_publish_still_acks_the_message_in_hand() -> None:
     journal = Journal()
     journal.gate = asyncio.Event()
     task = asyncio.create_task(
-        dlq.replay_held(cast(Any, journal), journal.held("a", "b"), None, asyncio.Event(), journal)
+        dlq.replay_held(
+            cast(Any, journal), journal.held("a", "b"), None, stop=asyncio.Event(), progress=journal
+        )
     )
     await journal.publishing.wait()
     task.cancel()

@@ -235,3 +235,16 @@ async def test_deadline_passing_at_an_open_breaker_expires() -> None:
     assert result.error is not None
     assert result.error.code == "expired"
     assert provider.calls == 0
+
+
+async def test_failed_probes_do_not_use_up_the_attempts() -> None:
+    """Calls made as the breaker's probe are counted but not capped: an outage cannot exhaust them."""
+    gate = Gate("telnyx", GateConfig(failure_threshold=1, cooldown_s=0.01))
+    gate.failed()
+    retrier = Retrier(RetryPolicy(max_attempts=2, base_delay_s=0.001), rng=lambda: 1.0)
+    provider = Scripted(*[unavailable() for _ in range(4)], OK)
+    result = await retrier.run(
+        provider, gate, None, state=RetryState(), expires_at=None, stopping=asyncio.Event()
+    )
+    assert result.success is OK
+    assert (result.attempts, result.state.probes) == (5, 4)
