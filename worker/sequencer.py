@@ -7,7 +7,8 @@ waiters first come, first served).
 
 The sequencer also remembers, per target, the ``issued_at`` of the newest command applied.  A
 command issued before it is *superseded*: applying it would overwrite a newer decision (say, a
-delayed retry of an old supervisor role arriving after a newer role was set).
+delayed retry of an old supervisor role arriving after a newer role was set).  With a store (the
+dedup store), that memory survives restarts and is shared by the workers that share the store.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from worker.codec import AnyCommand
 from worker.messages import ConferenceUpdate
@@ -31,6 +33,19 @@ def target_of(command: AnyCommand) -> Target:
     return ("telnyx", command.conference_id, command.call_control_id)
 
 
+class AppliedStore(Protocol):
+    """Where the newest applied ``issued_at`` of each target is kept (the dedup store)."""
+
+    async def last_applied(self, target: str) -> float | None: ...
+
+    async def mark_applied(self, target: str, issued_at: float) -> None: ...
+
+
+def target_key(target: Target) -> str:
+    """A target as one string (for the store)."""
+    return "|".join(target)
+
+
 @dataclass(slots=True)
 class _Slot:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -41,6 +56,7 @@ class _Slot:
 class Sequencer:
     """Keyed FIFO locks plus the newest applied ``issued_at`` of each target (bounded LRU)."""
 
+    store: AppliedStore | None = None
     remember: int = 100_000
     _slots: dict[Target, _Slot] = field(default_factory=dict)
     _applied: OrderedDict[Target, float] = field(default_factory=OrderedDict)
@@ -76,3 +92,22 @@ class Sequencer:
         self._applied.move_to_end(target)
         while len(self._applied) > self.remember:
             self._applied.popitem(last=False)
+
+    async def stale(self, target: Target, issued_at: float | None) -> bool:
+        """:meth:`is_stale`, also consulting the store (a newer command may predate a restart)."""
+        if issued_at is None:
+            return False
+        if self.is_stale(target, issued_at):
+            return True
+        if self.store is None:
+            return False
+        newest = await self.store.last_applied(target_key(target))
+        return newest is not None and issued_at < newest
+
+    async def record(self, target: Target, issued_at: float | None) -> None:
+        """:meth:`applied`, also in the store."""
+        if issued_at is None:
+            return
+        self.applied(target, issued_at)
+        if self.store is not None:
+            await self.store.mark_applied(target_key(target), issued_at)

@@ -22,7 +22,7 @@ from tests.unit.test_dedup import (
     race_in_processes,
 )
 from worker.dedup import Claimed, make_dedup_store
-from worker.dedup.redis import KEY_PREFIX, RedisDedupStore
+from worker.dedup.redis import APPLIED_PREFIX, KEY_PREFIX, RedisDedupStore
 from worker.settings import DedupConfig
 
 pytestmark = pytest.mark.integration
@@ -38,7 +38,11 @@ async def prefix() -> AsyncIterator[str]:
     value = f"test-{uuid.uuid4().hex}-"
     yield value
     client = Redis.from_url(REDIS_URL)
-    keys = [key async for key in client.scan_iter(match=f"{KEY_PREFIX}{value}*", count=1000)]
+    keys = [
+        key
+        for pattern in (f"{KEY_PREFIX}{value}*", f"{APPLIED_PREFIX}{value}*")
+        async for key in client.scan_iter(match=pattern, count=1000)
+    ]
     if keys:
         await client.delete(*keys)
     await client.aclose()

@@ -167,6 +167,28 @@ class DedupBehaviour:
         await harness.outlive(harness.retention_s - harness.lease_s)
         assert await harness.token("a", OTHER_FP)
 
+    async def test_renew_extends_only_a_live_claim(self, harness: Harness) -> None:
+        """The owner can extend its claim past the lease; a lapsed or foreign token cannot."""
+        token = await harness.token("a")
+        assert not await harness.store.renew(harness.prefix + "a", "not-the-token")
+        await harness.advance(harness.lease_s * 0.6)
+        assert await harness.store.renew(harness.prefix + "a", token)
+        await harness.advance(harness.lease_s * 0.6)
+        assert await harness.claim("a") == InProgress()
+        await harness.outlive(harness.lease_s)
+        assert not await harness.store.renew(harness.prefix + "a", token)
+        assert isinstance(await harness.claim("a"), Claimed)
+
+    async def test_last_applied_keeps_the_newest(self, harness: Harness) -> None:
+        """The newest applied issued_at of a target is kept; an older one never replaces it."""
+        target = harness.prefix + "telnyx|conf|call"
+        assert await harness.store.last_applied(target) is None
+        await harness.store.mark_applied(target, 100.5)
+        await harness.store.mark_applied(target, 50.0)
+        assert await harness.store.last_applied(target) == 100.5
+        await harness.store.mark_applied(target, 200.25)
+        assert await harness.store.last_applied(target) == 200.25
+
     async def test_concurrent_claims_one_winner(self, harness: Harness) -> None:
         """Of 50 concurrent claims of one id exactly one is Claimed, the rest InProgress."""
         outcomes = await asyncio.gather(*(harness.claim("a") for _ in range(50)))

@@ -2,9 +2,9 @@
 
 The state machine every backend implements (CONTRACT.md, "Deduplication"):
 
-- ``claim`` on an unknown id records it *in progress* under a lease and returns
-  :class:`Claimed`; the caller then owns the command until it calls ``complete`` or ``release``
-  (or the lease runs out, when a crashed owner's claim lapses).
+- ``claim`` on an unknown id records it *in progress* under a short lease and returns
+  :class:`Claimed`; the caller then owns the command until it calls ``complete`` or ``release``,
+  renewing the lease while it works; when an owner crashes its claim lapses within a lease.
 - ``claim`` on an id in progress returns :class:`InProgress` (same payload) or
   :class:`Conflict` (different fingerprint).
 - ``complete`` stores the final result event for the retention window; a later ``claim``
@@ -12,6 +12,10 @@ The state machine every backend implements (CONTRACT.md, "Deduplication"):
 - ``release`` forgets the id (the command ended ``failed`` or ``expired``), so it can run again.
 - ``complete`` and ``release`` act only while the caller's token holds a live claim: after the
   lease lapsed (whether or not someone else claimed since), or once done, they do nothing.
+
+Each store also remembers, per target, the ``issued_at`` of the newest command applied to it
+(:meth:`DedupStore.last_applied` / :meth:`DedupStore.mark_applied`), so that stale-command
+protection survives a restart and is shared by workers that share the store.
 
 Backends are chosen by URL in :func:`make_dedup_store`: ``memory://``, ``sqlite:///path``,
 ``redis://...``.
@@ -65,6 +69,18 @@ class DedupStore(Protocol):
 
     async def release(self, command_id: str, token: str) -> None:
         """Forget a claimed command, so that it may be carried out again."""
+        ...
+
+    async def renew(self, command_id: str, token: str) -> bool:
+        """Extend a live claim by a lease; False when ``token`` no longer holds it."""
+        ...
+
+    async def last_applied(self, target: str) -> float | None:
+        """The ``issued_at`` (epoch seconds) of the newest command applied to ``target``."""
+        ...
+
+    async def mark_applied(self, target: str, issued_at: float) -> None:
+        """Record that a command issued at ``issued_at`` was applied (keeps the maximum)."""
         ...
 
     async def ping(self) -> None:

@@ -33,6 +33,7 @@ class MemoryDedupStore:
         self._retention_s = config.retention_s
         self._clock = clock
         self._entries: dict[str, _Entry] = {}
+        self._applied: dict[str, tuple[float, float]] = {}  # target -> (issued_at, expires_at)
         self._claims = 0
 
     async def claim(self, command_id: str, fingerprint: str) -> ClaimOutcome:
@@ -62,6 +63,24 @@ class MemoryDedupStore:
         """Forget ``command_id`` if ``token`` still holds a live claim; otherwise do nothing."""
         if self._owned(command_id, token) is not None:
             del self._entries[command_id]
+
+    async def renew(self, command_id: str, token: str) -> bool:
+        """Extend ``token``'s live claim by a lease."""
+        entry = self._owned(command_id, token)
+        if entry is None:
+            return False
+        entry.expires_at = self._clock() + self._lease_s
+        return True
+
+    async def last_applied(self, target: str) -> float | None:
+        """The newest applied ``issued_at`` of ``target`` within the retention window."""
+        known = self._applied.get(target)
+        return known[0] if known is not None and known[1] > self._clock() else None
+
+    async def mark_applied(self, target: str, issued_at: float) -> None:
+        """Keep the newest ``issued_at`` of ``target`` for the retention window."""
+        newest = max(issued_at, await self.last_applied(target) or issued_at)
+        self._applied[target] = (newest, self._clock() + self._retention_s)
 
     async def ping(self) -> None:
         """Always reachable."""

@@ -35,6 +35,7 @@ from worker.settings import DedupConfig
 DEFAULT_MAX_CONNECTIONS = 256
 DEFAULT_SOCKET_TIMEOUT_S = 5.0  # a hung Redis fails the call instead of stalling the handler
 KEY_PREFIX = "cw:dedup:"
+APPLIED_PREFIX = "cw:applied:"
 _OUTAGES = (RedisConnectionError, RedisTimeoutError, BusyLoadingError, OSError)
 T = TypeVar("T")
 
@@ -69,6 +70,18 @@ _COMPLETE = (
 )
 # ARGV[1] = token.
 _RELEASE = _OWNED + "return redis.call('DEL', KEYS[1])\n"
+# ARGV[1] = token, ARGV[2] = lease in ms.
+_RENEW = _OWNED + "return redis.call('PEXPIRE', KEYS[1], ARGV[2])\n"
+# ARGV[1] = issued_at, ARGV[2] = retention in ms; keeps the maximum.
+_MARK_APPLIED = """
+local known = tonumber(redis.call('GET', KEYS[1]))
+if known and known > tonumber(ARGV[1]) then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 0
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+"""
 
 
 class RedisDedupStore:
@@ -88,6 +101,8 @@ class RedisDedupStore:
         self._claim = self._redis.register_script(_CLAIM)
         self._complete = self._redis.register_script(_COMPLETE)
         self._release = self._redis.register_script(_RELEASE)
+        self._mark_applied = self._redis.register_script(_MARK_APPLIED)
+        self._renew = self._redis.register_script(_RENEW)
 
     @property
     def max_connections(self) -> int:
@@ -120,6 +135,26 @@ class RedisDedupStore:
     async def release(self, command_id: str, token: str) -> None:
         """Forget ``command_id`` if ``token`` still holds a live claim; otherwise do nothing."""
         await _reach(self._release(keys=[KEY_PREFIX + command_id], args=[token]))
+
+    async def renew(self, command_id: str, token: str) -> bool:
+        """Extend ``token``'s live claim by a lease."""
+        renewed = await _reach(
+            self._renew(keys=[KEY_PREFIX + command_id], args=[token, self._lease_ms])
+        )
+        return bool(renewed)
+
+    async def last_applied(self, target: str) -> float | None:
+        """The newest applied ``issued_at`` of ``target`` within the retention window."""
+        value = await _reach(self._redis.get(APPLIED_PREFIX + target))
+        return None if value is None else float(value)
+
+    async def mark_applied(self, target: str, issued_at: float) -> None:
+        """Keep the newest ``issued_at`` of ``target`` for the retention window."""
+        await _reach(
+            self._mark_applied(
+                keys=[APPLIED_PREFIX + target], args=[repr(issued_at), self._retention_ms]
+            )
+        )
 
     async def ping(self) -> None:
         """Raise :class:`StoreUnavailable` if Redis cannot be reached."""

@@ -50,7 +50,22 @@ CREATE TABLE IF NOT EXISTS dedup (
     expires_at  REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS dedup_expires_at ON dedup (expires_at);
+CREATE TABLE IF NOT EXISTS applied (
+    target      TEXT PRIMARY KEY,
+    issued_at   REAL NOT NULL,
+    expires_at  REAL NOT NULL
+);
 """
+_RENEW = (
+    "UPDATE dedup SET expires_at = ? WHERE command_id = ? AND token = ?"
+    " AND state = 'in_progress' AND expires_at > ?"
+)
+_LAST_APPLIED = "SELECT issued_at FROM applied WHERE target = ? AND expires_at > ?"
+_MARK_APPLIED = (
+    "INSERT INTO applied (target, issued_at, expires_at) VALUES (?, ?, ?)"
+    " ON CONFLICT (target) DO UPDATE SET issued_at = max(issued_at, excluded.issued_at),"
+    " expires_at = excluded.expires_at"
+)
 _SELECT = "SELECT state, fingerprint, result, expires_at FROM dedup WHERE command_id = ?"
 _CLAIM = (
     "INSERT OR REPLACE INTO dedup (command_id, state, fingerprint, token, result, expires_at)"
@@ -125,6 +140,26 @@ class SqliteDedupStore:
         """Forget ``command_id`` if ``token`` still holds a live claim; otherwise do nothing."""
         with _reach():
             self._conn.execute(_RELEASE, (command_id, token, self._clock()))
+
+    async def renew(self, command_id: str, token: str) -> bool:
+        """Extend ``token``'s live claim by a lease."""
+        now = self._clock()
+        with _reach():
+            cursor = self._conn.execute(_RENEW, (now + self._lease_s, command_id, token, now))
+        return cursor.rowcount == 1
+
+    async def last_applied(self, target: str) -> float | None:
+        """The newest applied ``issued_at`` of ``target`` within the retention window."""
+        with _reach():
+            row = self._conn.execute(_LAST_APPLIED, (target, self._clock())).fetchone()
+        return None if row is None else float(row[0])
+
+    async def mark_applied(self, target: str, issued_at: float) -> None:
+        """Keep the newest ``issued_at`` of ``target`` for the retention window."""
+        with _reach():
+            self._conn.execute(
+                _MARK_APPLIED, (target, issued_at, self._clock() + self._retention_s)
+            )
 
     async def ping(self) -> None:
         """Raise :class:`StoreUnavailable` if the database cannot be read."""

@@ -1,0 +1,125 @@
+"""Chaos scenarios: each bounded in time, each stopping by itself, each checked by ``Run.check``."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import subprocess
+
+import aio_pika
+import pytest
+
+from tests.chaos.conftest import Run, env_for
+from tests.integration.conftest import AMQP_URL, Admin, Processes, wait_for_consumers
+
+pytestmark = [pytest.mark.integration, pytest.mark.chaos]
+
+KILL_RUN = int(os.environ.get("CW_CHAOS_COMMANDS", "20000"))
+PREFETCH = 200
+REDIS_START = [
+    "redis-server",
+    "--daemonize",
+    "yes",
+    "--bind",
+    "127.0.0.1",
+    "-::1",
+    "--port",
+    "6379",
+    "--save",
+    "",
+    "--appendonly",
+    "no",
+    "--dir",
+    "/var/lib/redis",
+    "--logfile",
+    "/var/log/redis/ci.log",
+]
+
+
+async def started(run: Run, processes: Processes, **overrides: object) -> subprocess.Popen[bytes]:
+    """A worker process, once it consumes (checked on a plain connection: a robust channel
+    answers passive declarations from its cache)."""
+    worker = processes.spawn(env_for(run, prefetch=PREFETCH, **overrides))
+    connection = await aio_pika.connect(AMQP_URL)
+    async with connection:
+        await wait_for_consumers(await connection.channel(), run.settings.commands_queue, 1)
+    return worker
+
+
+@pytest.mark.timeout(600)
+async def test_sigkill_at_random_moments(chaos: Run, admin: Admin, processes: Processes) -> None:
+    """SIGKILL the worker at random moments of a 20,000-command run, restart it, three times."""
+    chaos.make_commands(KILL_RUN)
+    await chaos.publish()
+    rng = random.Random(2611)
+    worker = await started(chaos, processes)
+    for _ in range(3):
+        await asyncio.sleep(rng.uniform(2.0, 6.0))
+        worker.send_signal(signal.SIGKILL)
+        await asyncio.to_thread(worker.wait, 10)
+        chaos.repeat_bound += PREFETCH  # at most a prefetch window was in flight at the kill
+        await chaos.drain_results()
+        worker = await started(chaos, processes)
+    await chaos.collect_until_complete(timeout_s=400)
+    await chaos.check(admin)
+
+
+@pytest.mark.timeout(300)
+async def test_rabbitmq_restart(chaos: Run, admin: Admin, processes: Processes) -> None:
+    """Restart RabbitMQ mid-run: the worker reconnects and resumes consuming by itself."""
+    chaos.make_commands(5000)
+    await chaos.publish()
+    await started(chaos, processes)
+    await asyncio.sleep(2)
+    await asyncio.to_thread(
+        subprocess.run, ["rabbitmqctl", "stop_app"], check=True, capture_output=True
+    )
+    await asyncio.sleep(3)
+    await asyncio.to_thread(
+        subprocess.run, ["rabbitmqctl", "start_app"], check=True, capture_output=True
+    )
+    await asyncio.to_thread(
+        subprocess.run, ["rabbitmqctl", "await_startup"], check=True, capture_output=True
+    )
+    chaos.repeat_bound += PREFETCH
+    await chaos.collect_until_complete(timeout_s=200)
+    await chaos.check(admin)
+
+
+@pytest.mark.timeout(300)
+async def test_redis_outage(chaos: Run, admin: Admin, processes: Processes) -> None:
+    """Stop Redis mid-run: the worker holds its commands rather than risk double execution, and
+    resumes when Redis is back."""
+    chaos.make_commands(5000)
+    await chaos.publish()
+    await started(chaos, processes, dedup_url="redis://127.0.0.1:6379/0")
+    await asyncio.sleep(2)
+    await asyncio.to_thread(
+        subprocess.run, ["redis-cli", "shutdown", "nosave"], capture_output=True
+    )
+    await asyncio.sleep(1)
+    await chaos.drain_results()
+    stalled = sum(len(v) for v in chaos.events.values())
+    await asyncio.sleep(3)
+    await chaos.drain_results()
+    assert sum(len(v) for v in chaos.events.values()) == stalled, "results went on without Redis"
+    await asyncio.to_thread(subprocess.run, REDIS_START, check=True, capture_output=True)
+    await chaos.collect_until_complete(timeout_s=200)
+    await chaos.check(admin)
+
+
+@pytest.mark.timeout(300)
+async def test_provider_failing_slowing_and_rate_limiting(
+    chaos: Run, admin: Admin, processes: Processes
+) -> None:
+    """The sandbox fails, slows down and rate-limits at random: every command still ends once."""
+    await admin.fault(status=503, probability=0.2, seed=1)
+    await admin.fault(status=429, probability=0.05, retry_after_s=1, seed=2)
+    await admin.fault(latency_ms=30, probability=0.3, seed=3)
+    chaos.make_commands(5000)
+    await chaos.publish()
+    await started(chaos, processes, retry_max_attempts=4, breaker_failures=50)
+    await chaos.collect_until_complete(timeout_s=250)
+    await chaos.check(admin)
