@@ -11,6 +11,7 @@ from worker.topology import (
     DEAD_BINDING,
     command_queue_arguments,
     dead_queue_arguments,
+    delay_queue_arguments,
 )
 
 DEFINITIONS = Path(__file__).resolve().parents[2] / "ops" / "rabbitmq" / "definitions.json"
@@ -23,6 +24,9 @@ def test_definitions_match_the_worker_declarations() -> None:
     queues = {queue["name"]: queue["arguments"] for queue in definitions["queues"]}
     assert queues[topology.commands_queue] == command_queue_arguments(topology)
     assert queues[topology.dead_queue] == dead_queue_arguments()
+    for seconds in topology.delay_tiers_s:
+        assert queues[topology.delay_queue(seconds)] == delay_queue_arguments(topology, seconds)
+    assert len(queues) == 2 + len(topology.delay_tiers_s)
     exchanges = {exchange["name"]: exchange["type"] for exchange in definitions["exchanges"]}
     assert exchanges == {
         topology.commands_exchange: "topic",
