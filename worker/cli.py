@@ -175,17 +175,20 @@ def dlq_list(as_json: bool, limit: int | None, **filters: str | None) -> None:
 @dlq.command("show")
 @click.argument("command_id")
 def dlq_show(command_id: str) -> None:
-    """Body, properties and headers of the dead letter(s) of one command id."""
+    """Body, properties and headers of the dead letter(s) of one command id ('' for those
+    whose body has none)."""
     from rich.console import Console
 
     from worker import dlq_render as r
+    from worker.dlq import Filter
 
-    flt = r.filter_from({"ids": command_id})
+    flt = Filter(ids=frozenset({command_id}))
     letters, _ = r.run(r.list_letters(r.target_from(_settings()), flt, None))
     if not letters:
         raise click.ClickException(f"no dead letter with command id {command_id!r}")
+    console = Console()
     for index, letter in enumerate(letters, 1):
-        Console().print(r.letter_details(letter, index, len(letters)))
+        console.print(r.letter_details(letter, index, len(letters)))
 
 
 @dlq.command("replay")
@@ -193,7 +196,7 @@ def dlq_show(command_id: str) -> None:
 @click.option("--rate", help="At most N per second (a token bucket), e.g. 500/s.")
 @click.option(
     "--in-flight",
-    default=1,
+    default=8,
     show_default=True,
     type=click.IntRange(1, 256),
     help="Publishes awaiting their confirm at once; each dead letter is removed after its own.",
@@ -204,7 +207,8 @@ def dlq_replay(
 ) -> None:
     """Publish dead letters back to the commands exchange, each confirmed before it is removed.
 
-    Ctrl-C finishes the message in hand and exits 130; run the same command again to resume.
+    Ctrl-C finishes the messages in hand (at most --in-flight) and exits 130; run the same
+    command again to resume.
     """
     from rich.console import Console
 
@@ -217,9 +221,7 @@ def dlq_replay(
         Console().print(r.letters_table(letters, title))
         return
     console = Console(stderr=True)
-    report = r.run(
-        r.replay(target, flt, limit, rate=per_s, in_flight=in_flight, console=console)
-    )
+    report = r.run(r.replay(target, flt, limit, rate=per_s, in_flight=in_flight, console=console))
     click.echo(r.replay_summary(report))
     if report.interrupted:
         click.echo("interrupted: run the same command again to resume", err=True)

@@ -10,10 +10,11 @@ prefetch of that count rather than looping on ``basic.get``: on a quorum queue e
 round trip (11 s for 5,000 here, against 0.6 s delivered to a consumer); the guarantee is the
 same.  Dead letters that arrive meanwhile (a replayed command failing again) wait for next time.
 
-**Replay** publishes one dead letter at a time to the commands exchange (original routing key,
-body and properties), waits for the broker's confirm and only then acks it.  Interrupted at any
-point, a dead letter is either still in the queue or replayed and removed; in the one window left
-(the process dies after the confirm, before the broker has the ack) it is replayed twice, and the
+**Replay** publishes each dead letter to the commands exchange (original routing key, body and
+properties) and acks it only after the broker has confirmed that publish.  ``in_flight`` such
+pairs may overlap (1: strictly one at a time, which a quorum queue's fsync per confirm caps near
+300/s on a busy machine).  Interrupted anywhere, a dead letter is either still in the queue or
+replayed and removed; only a crash between a confirm and its ack replays one twice, and the
 worker's deduplication by ``command_id`` answers the second as a duplicate.
 
 Everything takes a channel and names; the CLI builds the settings (see :mod:`worker.dlq_render`).
@@ -34,13 +35,13 @@ import orjson
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage
 from aio_pika.exceptions import ChannelNotFoundEntity, DeliveryError
 
-#: The headers the worker adds to a dead letter (``consumer._dead_letter``).
-OUR_HEADERS = frozenset(
-    {"x-error-code", "x-error-message", "x-attempts", "x-original-routing-key", "x-failed-at"}
-)
-#: Headers the broker adds when it dead-letters or redelivers a message itself.
-BROKER_HEADERS = frozenset({"x-death", "x-delivery-count"})
-BROKER_PREFIXES = ("x-first-death-", "x-last-death-")
+#: The headers the worker adds to a dead letter (``consumer._dead_letter``), and the prefix of its
+#: retry headers (``consumer.RETRY_HEADERS``; the routing key a delayed retry carries is one).
+_DEAD_LETTER_HEADERS = ("x-error-code", "x-error-message", "x-attempts", "x-original-routing-key")
+OUR_HEADERS = frozenset((*_DEAD_LETTER_HEADERS, "x-failed-at", "x-status"))
+RETRY_PREFIX, CARRIED_ROUTING_KEY = "cw-", "cw-routing-key"
+BROKER_HEADERS = frozenset({"x-death", "x-delivery-count"})  # dead-lettered, redelivered
+DROPPED_PREFIXES = ("x-first-death-", "x-last-death-", RETRY_PREFIX)
 #: AMQP properties carried over to a replayed command (``user_id`` and ``expiration`` are not).
 KEPT_PROPERTIES = (
     *("content_type", "content_encoding", "correlation_id", "reply_to", "message_id"),
@@ -80,7 +81,7 @@ def parse(
     """The :class:`DeadLetter` view of a message, dead-lettered by the worker or by the broker.
 
     Our headers win; without ``x-error-code`` the broker's newest ``x-death`` entry gives the code
-    (its reason, e.g. ``delivery_limit``), the time and the routing key.
+    (its reason, e.g. ``delivery_limit``), the time and (unless a retry carried it) the routing key.
     """
     headers = dict(headers or {})
     death = _newest_death(headers)
@@ -95,6 +96,7 @@ def parse(
         attempts=_int(headers.get("x-attempts")),
         failed_at=_time(headers.get("x-failed-at")) or _time(death.get("time")),
         routing_key=_text(headers.get("x-original-routing-key"))
+        or _text(headers.get(CARRIED_ROUTING_KEY))
         or _first(death.get("routing-keys"))
         or (routing_key or ""),
         body=body,
@@ -107,8 +109,7 @@ def parse(
 
 def from_message(message: AbstractIncomingMessage) -> DeadLetter:
     """:func:`parse` applied to a delivered message."""
-    properties = {name: getattr(message, name, None) for name in KEPT_PROPERTIES}
-    kept = {name: value for name, value in properties.items() if value is not None}
+    kept = {n: v for n in KEPT_PROPERTIES if (v := getattr(message, n, None)) is not None}
     return parse(message.body, message.headers, message.routing_key, kept)
 
 
@@ -116,14 +117,10 @@ def _identity(body: bytes) -> tuple[str, str]:
     try:
         document = orjson.loads(body)
     except orjson.JSONDecodeError:
-        return "", ""
-    if not isinstance(document, dict):
-        return "", ""
-    command_id, command_type = document.get("command_id"), document.get("type")
-    return (
-        command_id if isinstance(command_id, str) else "",
-        command_type if isinstance(command_type, str) else "",
-    )
+        document = None
+    found = document if isinstance(document, dict) else {}
+    ident, kind = found.get("command_id"), found.get("type")
+    return (ident if isinstance(ident, str) else ""), (kind if isinstance(kind, str) else "")
 
 
 def _newest_death(headers: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -134,11 +131,9 @@ def _newest_death(headers: Mapping[str, Any]) -> Mapping[str, Any]:
 
 
 def _text(value: Any) -> str:
-    if value is None:
-        return ""
     if isinstance(value, bytes):
         return value.decode("utf-8", errors="replace")
-    return str(value)
+    return "" if value is None else str(value)
 
 
 def _first(values: Any) -> str:
@@ -155,11 +150,9 @@ def _int(value: Any) -> int | None:
 
 
 def _time(value: Any) -> datetime | None:
-    if isinstance(value, bytes):
-        value = value.decode("utf-8", errors="replace")
-    if isinstance(value, str):
+    if isinstance(value, bytes | str):
         try:
-            value = datetime.fromisoformat(value)
+            value = datetime.fromisoformat(_text(value))
         except ValueError:
             return None
     if not isinstance(value, datetime):
@@ -203,13 +196,13 @@ class Filter:
 
 
 def replay_headers(headers: Mapping[str, Any], now: datetime) -> dict[str, Any]:
-    """The command's headers again: ours and the broker's dead-letter headers removed."""
+    """The command's headers again, without our dead-letter and retry headers or the broker's."""
     kept = {
         name: value
         for name, value in headers.items()
         if name not in OUR_HEADERS
         and name not in BROKER_HEADERS
-        and not name.startswith(BROKER_PREFIXES)
+        and not name.startswith(DROPPED_PREFIXES)
     }
     kept["x-replayed-at"] = now.isoformat()
     kept["x-replay-count"] = (_int(headers.get("x-replay-count")) or 0) + 1
@@ -234,7 +227,7 @@ class Held:
     message: AbstractIncomingMessage
 
 
-async def browse(channel: AbstractChannel, queue_name: str, *, idle_s: float = 1.0) -> list[Held]:
+async def browse(channel: AbstractChannel, queue_name: str, *, idle_s: float = 2.0) -> list[Held]:
     """Every dead letter ready now, oldest first, held unacknowledged on ``channel``.
 
     Stops after the count the queue reported, or when nothing arrives for ``idle_s`` (someone
@@ -267,9 +260,16 @@ async def browse(channel: AbstractChannel, queue_name: str, *, idle_s: float = 1
     return held
 
 
-def select(held: Iterable[Held], flt: Filter, limit: int | None = None) -> list[Held]:
-    """The held dead letters that match, at most ``limit`` of them, in queue order."""
-    chosen = [item for item in held if flt.matches(item.letter)]
+def select(
+    held: Iterable[Held], flt: Filter, limit: int | None = None, *, since: datetime | None = None
+) -> list[Held]:
+    """The held dead letters that match (and were not replayed ``since``), at most ``limit``."""
+    chosen = [
+        item
+        for item in held
+        if flt.matches(item.letter)
+        and (since is None or item.letter.replayed_at is None or item.letter.replayed_at < since)
+    ]
     return chosen if limit is None else chosen[:limit]
 
 
@@ -324,13 +324,7 @@ async def replay(
         exchange = await channel.get_exchange(exchange_name, ensure=True)
     except ChannelNotFoundEntity:
         raise DeadLetterError(f"exchange {exchange_name!r} does not exist") from None
-    held = await browse(channel, queue_name)
-    chosen = [
-        item
-        for item in select(held, flt, None)
-        if item.letter.replayed_at is None or item.letter.replayed_at < started_at
-    ]
-    chosen = chosen if limit is None else chosen[:limit]
+    chosen = select(await browse(channel, queue_name), flt, limit, since=started_at)
     return await replay_held(
         exchange, chosen, pace, stop=stop, progress=progress, in_flight=in_flight
     )
@@ -394,11 +388,11 @@ async def _wait(delay: float, stop: asyncio.Event) -> bool:
 
 
 async def _replay_one(exchange: AbstractExchange, item: Held) -> bool:
-    """Publish, wait for the confirm, ack the dead letter; False if the broker refused it."""
+    """Publish, wait for the confirm, ack the dead letter; False (it stays) if that failed."""
     message = replay_message(item.letter, datetime.now(UTC))
     try:
         await exchange.publish(message, item.letter.routing_key, mandatory=True)
-    except DeliveryError:  # nacked, or returned as unroutable: the dead letter stays
-        return False
+    except (DeliveryError, TypeError, ValueError):  # nacked, unroutable, or a header pamqp
+        return False  # cannot encode (e.g. bytes: then nothing was sent)
     await item.message.ack()
     return True

@@ -145,10 +145,12 @@ def summary(letter: DeadLetter) -> dict[str, Any]:
 def letters_table(letters: list[DeadLetter], title: str) -> Table:
     """The ``dlq list`` table."""
     table = Table(title=title, title_justify="left")
-    for column in ("command id", "type", "error code", "attempts", "failed at", "routing key"):
-        table.add_column(
-            column, overflow="fold", justify="right" if column == "attempts" else "left"
-        )
+    table.add_column("command id", overflow="fold")
+    table.add_column("type", overflow="fold")
+    table.add_column("error code", overflow="fold")
+    table.add_column("attempts", justify="right", no_wrap=True)
+    table.add_column("failed at", no_wrap=True)
+    table.add_column("routing key", overflow="fold")
     for letter in letters:
         attempts = "" if letter.attempts is None else str(letter.attempts)
         table.add_row(
@@ -257,7 +259,7 @@ def replay_summary(report: dlq.ReplayReport) -> str:
         f"({rate:,.0f}/s); {report.remaining} remain"
     )
     if report.refused:
-        line += f"; {report.refused} refused by the broker (unroutable?) and still dead"
+        line += f"; {report.refused} could not be published (see dlq show) and stay dead"
     return line
 
 
@@ -331,7 +333,7 @@ async def replay(
 ) -> dlq.ReplayReport:
     """Replay with a progress bar; SIGINT/SIGTERM finish the message in hand, then stop."""
     stop = asyncio.Event()
-    pace = TokenBucket(rate, burst=max(1.0, rate / 10)).reserve if rate else None
+    pace = TokenBucket(rate, burst=max(1.0, rate / 50)).reserve if rate else None
     with _stop_on_signals(stop):
         async with open_channel(target) as channel:
             return await dlq.replay(

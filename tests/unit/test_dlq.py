@@ -16,7 +16,7 @@ from aiormq import spec
 from aiormq.exceptions import DeliveryError
 from rich.console import Console
 
-from worker import dlq, dlq_render
+from worker import consumer, dlq, dlq_render
 from worker.dlq import DeadLetter, Filter, Held
 from worker.dlq_render import TokenBucket, filter_from, parse_duration, parse_rate
 
@@ -30,19 +30,18 @@ OUR_HEADERS = {
     "x-original-routing-key": "conference.update",
     "x-failed-at": FAILED_AT.isoformat(),
 }
+DEATH = {
+    "count": 1,
+    "reason": "delivery_limit",
+    "queue": "conference-worker.commands",
+    "time": FAILED_AT,
+    "exchange": "conference.commands",
+    "routing-keys": ["conference.supervisor_role"],
+}
 # What RabbitMQ 3.10 puts on a message a quorum queue dead-letters at its delivery limit.
 BROKER_HEADERS = {
     "traceparent": "00-abc",
-    "x-death": [
-        {
-            "count": 1,
-            "reason": "delivery_limit",
-            "queue": "conference-worker.commands",
-            "time": FAILED_AT,
-            "exchange": "conference.commands",
-            "routing-keys": ["conference.supervisor_role"],
-        }
-    ],
+    "x-death": [DEATH],
     "x-delivery-count": 0,
     "x-first-death-exchange": "conference.commands",
     "x-first-death-queue": "conference-worker.commands",
@@ -213,6 +212,30 @@ def test_replay_headers_drop_dead_letter_headers_and_count_the_replay() -> None:
     assert dlq.replay_headers({"x-replay-count": 2}, now)["x-replay-count"] == 3
 
 
+def test_replay_drops_the_workers_retry_headers() -> None:
+    """A command back from a delay queue carries cw-* retry state; its replay starts afresh."""
+    headers = {"cw-attempts": 3, "cw-routing-key": "conference.update", "traceparent": "00-a"}
+    got = dlq.replay_headers(headers, FAILED_AT)
+    assert set(got) == {"traceparent", "x-replayed-at", "x-replay-count"}
+
+
+def test_a_delayed_retry_dead_lettered_by_the_broker_keeps_its_routing_key() -> None:
+    """A retry back from a delay queue: its cw-routing-key, not the queue name, is replayed to."""
+    headers = {
+        **BROKER_HEADERS,
+        "cw-routing-key": "conference.update",
+        "x-death": [{**DEATH, "routing-keys": ["w.commands"]}],
+    }
+    got = dlq.parse(orjson.dumps(COMMAND), headers, "w.commands")
+    assert (got.code, got.routing_key) == ("delivery_limit", "conference.update")
+
+
+def test_header_names_agree_with_the_consumer() -> None:
+    """The dead-letter and retry header names here are the ones worker.consumer writes."""
+    assert consumer.H_ROUTING_KEY == dlq.CARRIED_ROUTING_KEY
+    assert all(name.startswith(dlq.RETRY_PREFIX) for name in consumer.RETRY_HEADERS)
+
+
 def test_replay_message_keeps_body_and_properties_and_is_persistent() -> None:
     """The replayed command is the original: body, correlation id, reply_to, message id, type."""
     props = {"content_type": "application/json", "correlation_id": "k", "reply_to": "q"}
@@ -274,9 +297,12 @@ def test_token_bucket_refuses_nonsense() -> None:
 class Journal:
     """Records publishes and acks in order; fakes an exchange, messages and a progress bar."""
 
-    def __init__(self, refuse: frozenset[str] = frozenset()) -> None:
+    def __init__(
+        self, refuse: frozenset[str] = frozenset(), unencodable: frozenset[str] = frozenset()
+    ) -> None:
         self.events: list[tuple[str, str]] = []
-        self.refuse = refuse
+        self.started: list[str] = []
+        self.refuse, self.unencodable = refuse, unencodable
         self.gate: asyncio.Event | None = None
         self.publishing = asyncio.Event()
         self.totals: list[int] = []
@@ -284,12 +310,15 @@ class Journal:
 
     async def publish(self, message: aio_pika.Message, routing_key: str, mandatory: bool) -> None:
         assert mandatory
+        name = orjson.loads(message.body)["command_id"]
+        self.started.append(name)
         self.publishing.set()
         if self.gate is not None:
             await self.gate.wait()
-        name = orjson.loads(message.body)["command_id"]
         if name in self.refuse:
             raise DeliveryError(None, spec.Basic.Nack(delivery_tag=1))
+        if name in self.unencodable:
+            raise TypeError("Unknown type: <class 'bytes'>")
         self.events.append(("publish", name))
 
     def held(self, *names: str) -> list[Held]:
@@ -337,17 +366,17 @@ async def test_replay_publishes_and_confirms_before_it_acks_each_dead_letter() -
 
 
 async def test_a_refused_publish_leaves_the_dead_letter_unacked() -> None:
-    """A nacked or unroutable publish is counted as refused; that dead letter stays."""
-    journal = Journal(refuse=frozenset({"b"}))
+    """A nacked, unroutable or unencodable publish is refused: that dead letter stays, others go."""
+    journal = Journal(refuse=frozenset({"b"}), unencodable=frozenset({"c"}))
     report = await dlq.replay_held(
         cast(Any, journal),
-        journal.held("a", "b", "c"),
+        journal.held("a", "b", "c", "d"),
         None,
         stop=asyncio.Event(),
         progress=journal,
     )
-    assert ("ack", "b") not in journal.events
-    assert (report.replayed, report.refused, report.remaining) == (2, 1, 1)
+    assert [name for kind, name in journal.events if kind == "ack"] == ["a", "d"]
+    assert (report.replayed, report.refused, report.remaining) == (2, 2, 2)
 
 
 async def test_stop_ends_the_replay_after_the_message_in_hand() -> None:
@@ -390,6 +419,51 @@ async def test_cancelling_mid_publish_still_acks_the_message_in_hand() -> None:
     assert journal.events == [("publish", "a"), ("ack", "a")]
 
 
+async def test_pairs_in_flight_overlap_but_each_ack_follows_its_own_confirm() -> None:
+    """in_flight=3: three publishes overlap, a fourth waits; each ack follows its own confirm."""
+    journal = Journal()
+    journal.gate = asyncio.Event()
+    task = asyncio.create_task(
+        dlq.replay_held(
+            cast(Any, journal),
+            journal.held("a", "b", "c", "d"),
+            None,
+            stop=asyncio.Event(),
+            progress=journal,
+            in_flight=3,
+        )
+    )
+    await asyncio.sleep(0.05)
+    assert (journal.started, journal.events) == (["a", "b", "c"], [])
+    journal.gate.set()
+    report = await task
+    for name in "abcd":
+        assert journal.events.index(("publish", name)) < journal.events.index(("ack", name))
+    assert (report.replayed, report.interrupted) == (4, False)
+
+
+async def test_stop_with_pairs_in_flight_finishes_all_of_them() -> None:
+    """Ctrl-C while three pairs are in flight: all three complete (acked), nothing new starts."""
+    journal, stop = Journal(), asyncio.Event()
+    journal.gate, journal.on_advance = asyncio.Event(), stop.set
+    task = asyncio.create_task(
+        dlq.replay_held(
+            cast(Any, journal),
+            journal.held("a", "b", "c", "d", "e"),
+            None,
+            stop=stop,
+            progress=journal,
+            in_flight=3,
+        )
+    )
+    await journal.publishing.wait()
+    await asyncio.sleep(0.01)
+    journal.gate.set()
+    report = await task
+    assert sorted(name for kind, name in journal.events if kind == "ack") == ["a", "b", "c"]
+    assert (report.replayed, report.remaining, report.interrupted) == (3, 2, True)
+
+
 def test_select_keeps_queue_order_and_the_limit() -> None:
     """Matching dead letters in queue order, at most --limit of them."""
     journal = Journal()
@@ -397,6 +471,18 @@ def test_select_keeps_queue_order_and_the_limit() -> None:
     chosen = dlq.select(held, Filter(ids=frozenset({"a", "c"})), limit=None)
     assert [item.letter.command_id for item in chosen] == ["a", "c"]
     assert len(dlq.select(held, Filter(), limit=2)) == 2
+
+
+def test_select_skips_what_this_run_replayed_already() -> None:
+    """A dead letter replayed since the run began (it failed again) is not replayed again."""
+    run_began = datetime.now(UTC)
+    held = [
+        Held(letter(command_id="old", replayed_at=run_began - timedelta(hours=1)), cast(Any, None)),
+        Held(letter(command_id="again", replayed_at=run_began), cast(Any, None)),
+        Held(letter(command_id="never"), cast(Any, None)),
+    ]
+    chosen = dlq.select(held, Filter(), since=run_began)
+    assert [item.letter.command_id for item in chosen] == ["old", "never"]
 
 
 def test_plain_progress_lines_when_not_on_a_terminal() -> None:
@@ -428,7 +514,10 @@ def test_summary_and_replay_line() -> None:
     }
     report = dlq.ReplayReport(matched=10, replayed=4, refused=1, interrupted=True, elapsed_s=2.0)
     line = dlq_render.replay_summary(report)
-    assert line.startswith("replayed 4 of 10 in 2.0 s (2/s); 6 remain; 1 refused")
+    assert line == (
+        "replayed 4 of 10 in 2.0 s (2/s); 6 remain; "
+        "1 could not be published (see dlq show) and stay dead"
+    )
 
 
 def test_show_renders_json_pretty_and_other_bodies_as_bytes() -> None:
