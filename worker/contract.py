@@ -288,7 +288,6 @@ def _component_schemas() -> dict[str, Any]:
     schemas: dict[str, Any] = dict(top["$defs"])
     schemas["TraceHeaders"] = {"type": "object", "properties": _TRACE_HEADERS}
     extra = {
-        "x-status": {"enum": _STATUSES[1:], "description": "The result's status."},
         "x-death": {"type": "array", "description": "Set by RabbitMQ when it dead-letters."},
     }
     schemas["DeadLetterHeaders"] = {
@@ -394,6 +393,5 @@ _X_HEADERS = {
     "x-attempts": 5,
     "x-original-routing-key": "conference.update",
     "x-failed-at": "2025-01-15T10:00:31.002000+00:00",
-    "x-status": "failed",
 }
 DEAD_EXAMPLES = [{"name": "failed", "headers": _TRACE | _X_HEADERS, "payload": _UPDATE}]
