@@ -19,11 +19,14 @@ for one instead of failing.  Socket and connect timeouts default to 5 s (``?sock
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 from collections.abc import Awaitable
-from typing import TypeVar
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.commands.core import AsyncScript
 from redis.exceptions import BusyLoadingError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -84,6 +87,60 @@ return 1
 """
 
 
+@dataclass(slots=True)
+class _Coalescer:
+    """Sends the script calls made in one event-loop tick as one pipelined round trip.
+
+    Under load a worker has many commands in flight; their claims and completions, each a
+    separate round trip through the connection pool, cost the worker more CPU than anything but
+    the provider call.  Calls queued in the same tick share one pipeline (no transaction: each
+    script is atomic on its own), one pool checkout and one write.
+    """
+
+    redis: Redis
+    _pending: list[tuple[AsyncScript, list[Any], list[Any], asyncio.Future[Any]]] = field(
+        default_factory=list
+    )
+    _sending: set[asyncio.Task[None]] = field(default_factory=set)
+
+    def call(self, script: AsyncScript, keys: list[Any], args: list[Any]) -> asyncio.Future[Any]:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        if not self._pending:
+            loop.call_soon(self._flush)
+        self._pending.append((script, keys, args, future))
+        return future
+
+    def _flush(self) -> None:
+        batch, self._pending = self._pending, []
+        task = asyncio.ensure_future(self._send(batch))
+        self._sending.add(task)  # keep a reference until it is done
+        task.add_done_callback(self._sending.discard)
+
+    async def _send(
+        self, batch: list[tuple[AsyncScript, list[Any], list[Any], asyncio.Future[Any]]]
+    ) -> None:
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for script, keys, args, _ in batch:
+                    await script(keys=keys, args=args, client=pipe)
+                replies = await pipe.execute(raise_on_error=False)
+        except BaseException as exc:
+            for *_, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        for (*_, future), reply in zip(batch, replies, strict=True):
+            if future.done():
+                continue
+            if isinstance(reply, Exception):
+                future.set_exception(reply)
+            else:
+                future.set_result(reply)
+
+
 class RedisDedupStore:
     """A :class:`worker.dedup.DedupStore` in Redis, shared by every worker that uses the URL."""
 
@@ -103,6 +160,7 @@ class RedisDedupStore:
         self._release = self._redis.register_script(_RELEASE)
         self._mark_applied = self._redis.register_script(_MARK_APPLIED)
         self._renew = self._redis.register_script(_RENEW)
+        self._batch = _Coalescer(self._redis)
 
     @property
     def max_connections(self) -> int:
@@ -120,7 +178,7 @@ class RedisDedupStore:
         token = secrets.token_hex(8)
         record = b"P" + encoded + b"\0" + token.encode()
         stored = await _reach(
-            self._claim(keys=[KEY_PREFIX + command_id], args=[record, self._lease_ms])
+            self._batch.call(self._claim, [KEY_PREFIX + command_id], [record, self._lease_ms])
         )
         if stored is None:
             return Claimed(token)
@@ -129,12 +187,14 @@ class RedisDedupStore:
     async def complete(self, command_id: str, token: str, result: bytes) -> None:
         """Record ``result`` if ``token`` still holds a live claim; otherwise do nothing."""
         await _reach(
-            self._complete(keys=[KEY_PREFIX + command_id], args=[token, result, self._retention_ms])
+            self._batch.call(
+                self._complete, [KEY_PREFIX + command_id], [token, result, self._retention_ms]
+            )
         )
 
     async def release(self, command_id: str, token: str) -> None:
         """Forget ``command_id`` if ``token`` still holds a live claim; otherwise do nothing."""
-        await _reach(self._release(keys=[KEY_PREFIX + command_id], args=[token]))
+        await _reach(self._batch.call(self._release, [KEY_PREFIX + command_id], [token]))
 
     async def renew(self, command_id: str, token: str) -> bool:
         """Extend ``token``'s live claim by a lease."""

@@ -1,0 +1,51 @@
+"""Keeping claims alive while their commands run.
+
+Claims are taken with a short lease, so that the claim of a worker that crashes lapses quickly and
+a redelivered command is not held up for long.  A live worker keeps its claims: one background
+task renews, every ``interval_s``, each claim held longer than that.  A command that finishes
+within the interval (nearly all of them) costs no renewal at all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+
+from worker.dedup import DedupStore
+from worker.errors import StoreUnavailable
+
+log = logging.getLogger("worker.dedup")
+
+
+@dataclass(slots=True)
+class LeaseKeeper:
+    """Renews the claims its worker holds, in one periodic task."""
+
+    store: DedupStore
+    interval_s: float
+    _held: dict[str, str] = field(default_factory=dict)
+
+    def hold(self, command_id: str, token: str) -> None:
+        """Keep ``command_id``'s claim alive until :meth:`drop`."""
+        self._held[command_id] = token
+
+    def drop(self, command_id: str) -> None:
+        """Stop renewing (the claim was completed or released)."""
+        self._held.pop(command_id, None)
+
+    async def run(self) -> None:
+        """Renew every held claim each interval, until cancelled."""
+        while True:
+            await asyncio.sleep(self.interval_s)
+            await self.renew_all()
+
+    async def renew_all(self) -> None:
+        for command_id, token in list(self._held.items()):
+            try:
+                if not await self.store.renew(command_id, token):
+                    log.warning("claim of %s lapsed before it was renewed", command_id)
+                    self._held.pop(command_id, None)
+            except StoreUnavailable as exc:
+                log.warning("could not renew claims: %s", exc)
+                return
