@@ -172,7 +172,11 @@ def _target(command: ConferenceUpdate | SupervisorRoleChange) -> dict[str, str |
             "account_id": command.account_id,
             "conference_id": command.conference_id,
         }
-    return {"provider": "telnyx", "account_id": None, "conference_id": _short(command.conference_id)}
+    return {
+        "provider": "telnyx",
+        "account_id": None,
+        "conference_id": _short(command.conference_id),
+    }
 
 
 def _describe(target: Mapping[str, str | None]) -> str:

@@ -33,10 +33,20 @@ def main() -> None:
     help="Time to finish in-flight commands on SIGTERM/SIGINT.",
 )
 def run(grace_s: float) -> None:
-    """Consume commands until SIGTERM/SIGINT (uses the sandbox for unconfigured providers)."""
-    from worker import app, log
+    """Consume commands until SIGTERM/SIGINT (uses the sandbox for unconfigured providers).
+
+    Serves /healthz, /readyz, /metrics and /asyncapi.yaml on CW_HTTP_HOST:CW_HTTP_PORT; traces
+    as the OTEL_* variables say (off by default).
+    """
+    import os
+
+    from worker import app, log, telemetry
 
     settings = _settings()
+    try:
+        telemetry.tracing_config(os.environ)
+    except ValueError as exc:
+        raise click.ClickException(f"invalid tracing settings: {exc}") from None
     log.configure(settings.log_level)
     asyncio.run(app.run(settings, grace_s=grace_s))
 

@@ -25,6 +25,7 @@ from aio_pika.abc import AbstractExchange, AbstractIncomingMessage, AbstractQueu
 from aio_pika.exceptions import CONNECTION_EXCEPTIONS
 
 from worker import codec
+from worker.observe import Observer, Watch
 from worker.pipeline import Delivery, Outcome, Pipeline
 from worker.retry import RetryState
 from worker.settings import Topology
@@ -77,14 +78,33 @@ class Publisher:
     default: AbstractExchange
     topology: Topology
     own_queues: frozenset[str]
+    observer: Observer = field(default_factory=Observer.disabled)
 
     async def publish(self, outcome: Outcome, message: AbstractIncomingMessage) -> None:
         """Publish everything ``outcome`` calls for, concurrently, and wait for the confirms."""
         if outcome.defer_s is not None and outcome.retry is not None:
             await self._defer(outcome.defer_s, outcome.retry, message)
             return
+        observer = self.observer
+        span = observer.publish_span(outcome.routing_key, self.topology.results_exchange)
+        try:
+            await self._publish(outcome, message, observer.trace_headers(span, message))
+        except BaseException as exc:
+            if span is not None:
+                span.record_exception(exc)
+            raise
+        finally:
+            if span is not None:
+                span.end()
+
+    async def _publish(
+        self,
+        outcome: Outcome,
+        message: AbstractIncomingMessage,
+        headers: dict[str, Any] | None,
+    ) -> None:
         body = codec.encode(outcome.event)
-        event = _result_message(body, outcome, message)
+        event = _result_message(body, outcome, message, headers)
         sends: list[Awaitable[Any]] = [
             self.results.publish(event, outcome.routing_key, mandatory=False)
         ]
@@ -116,10 +136,16 @@ class Publisher:
         await self.default.publish(delayed, self.topology.delay_queue(tier), mandatory=True)
 
 
-def _result_message(body: bytes, outcome: Outcome, message: AbstractIncomingMessage) -> Any:
+def _result_message(
+    body: bytes,
+    outcome: Outcome,
+    message: AbstractIncomingMessage,
+    headers: dict[str, Any] | None = None,
+) -> Any:
     correlation_id = message.correlation_id or outcome.event.get("command_id")
     return aio_pika.Message(
         body,
+        headers=headers,
         content_type="application/json",
         delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
         correlation_id=correlation_id,
@@ -194,12 +220,18 @@ class Consumer:
     queue: AbstractQueue
     pipeline: Pipeline
     publisher: Publisher
+    observer: Observer = field(default_factory=Observer.disabled)
     _tag: str | None = None
     _inflight: set[asyncio.Task[Any]] = field(default_factory=set)
     completed: int = 0
 
     async def start(self) -> None:
         self._tag = await self.queue.consume(self._on_message, no_ack=False)
+
+    @property
+    def active(self) -> bool:
+        """Consuming: started, not stopped, and the channel is open."""
+        return self._tag is not None and not self.queue.channel.is_closed
 
     @property
     def inflight(self) -> int:
@@ -215,16 +247,28 @@ class Consumer:
             self._inflight.discard(task)
 
     async def _handle(self, message: AbstractIncomingMessage) -> None:
+        watch = self.observer.begin(message)
         try:
-            outcome = await self.pipeline.process(delivery_of(message))
+            await self._carry_out(message, watch)
+        finally:
+            self.observer.end(watch)
+
+    async def _carry_out(self, message: AbstractIncomingMessage, watch: Watch) -> None:
+        try:
+            delivery = delivery_of(message)
+            watch.first_delivery = delivery.retry.attempts == 0 and delivery.not_before is None
+            outcome = await self.pipeline.process(delivery)
         except asyncio.CancelledError:
             raise
-        except Exception:
+        except Exception as exc:
             log.exception("processing crashed; rejecting the delivery back to the queue")
+            self.observer.crashed(watch, exc)
             await _quietly(message.reject(requeue=True))
             return
-        if await settle(message, outcome, self.publisher):
+        settled = await settle(message, outcome, self.publisher)
+        if settled:
             self.completed += 1
+        self.observer.finish(watch, message, outcome, settled)
 
     async def stop(self, grace_s: float) -> None:
         """Stop taking deliveries; let those in flight finish within ``grace_s``.

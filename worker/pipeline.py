@@ -19,6 +19,8 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import orjson
+from opentelemetry import trace
+from opentelemetry.trace import Tracer
 
 from worker import codec
 from worker.codec import AnyCommand, Identity
@@ -55,17 +57,29 @@ class Delivery:
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
-    """How a delivery ended: a result event (maybe dead-lettered), or a deferral."""
+    """How a delivery ended: a result event (maybe dead-lettered), or a deferral.
+
+    ``command`` (when it could be decoded), ``calls`` (provider calls made by this delivery) and
+    ``delayed_retry`` (a deferral decided by the retrier) are for metrics and traces only.
+    """
 
     event: dict[str, Any]
     routing_key: str
     dead_letter: bool
     defer_s: float | None = None
     retry: RetryState | None = None
+    command: AnyCommand | None = None
+    calls: int = 0
+    delayed_retry: bool = False
 
     @property
     def status(self) -> str:
         return str(self.event.get("status", "deferred"))
+
+    @property
+    def provider(self) -> str | None:
+        """The provider the command goes to (None when it could not be decoded)."""
+        return None if self.command is None else _ROUTES[self.command.type]
 
 
 @dataclass(slots=True)
@@ -81,6 +95,7 @@ class Pipeline:
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
     infra_retry_s: float = 1.0
     clock: Callable[[], float] = time.time
+    tracer: Tracer | None = None  # child spans (dedup claim) under the delivery's current span
 
     async def process(self, delivery: Delivery) -> Outcome:
         """Carry out one delivery's command and say how it ended."""
@@ -92,7 +107,7 @@ class Pipeline:
             return _failure(ident, exc, delivery.retry.attempts, received_at)
         wait = (delivery.not_before or 0.0) - self.clock()
         if wait > 0.25:
-            return _deferred(delivery.retry, wait)
+            return _deferred(delivery.retry, wait, command)
         async with self.sequencer.turn(target_of(command)):
             return await self._carry_out(command, delivery.retry, received_at)
 
@@ -102,15 +117,18 @@ class Pipeline:
         ident = Identity(command.command_id, command.type)
         claim = await self._claim(command.command_id, codec.fingerprint(command))
         if isinstance(claim, Done):
-            return _replay(claim.result, received_at)
+            return _replay(claim.result, received_at, command)
         if isinstance(claim, Conflict):
-            return _failure(ident, IdempotencyConflict(), retry.attempts, received_at)
+            return _failure(
+                ident, IdempotencyConflict(), retry.attempts, received_at, command=command
+            )
         target = target_of(command)
         issued_at = command.issued_at.timestamp() if command.issued_at else None
         if self.sequencer.is_stale(target, issued_at):
-            outcome = _failure(ident, Superseded(), retry.attempts, received_at)
+            outcome = _failure(ident, Superseded(), retry.attempts, received_at, command=command)
         else:
             provider = _ROUTES[command.type]
+            before = retry.attempts
             attempted = await self.retrier.run(
                 self.providers[provider],
                 self.gates[provider],
@@ -119,13 +137,26 @@ class Pipeline:
                 expires_at=command.expires_at.timestamp() if command.expires_at else None,
                 stopping=self.stopping,
             )
-            outcome = _finish(ident, attempted, received_at)
+            outcome = _finish(ident, attempted, received_at, command, attempted.attempts - before)
             if outcome.status == "succeeded":
                 self.sequencer.applied(target, issued_at)
         await self._remember(command, claim, outcome)
         return outcome
 
     async def _claim(self, command_id: str, fingerprint: str) -> Claimed | Done | Conflict:
+        """Claim the command (a child span when the delivery's span is recorded)."""
+        tracer = self.tracer
+        if tracer is None or not trace.get_current_span().is_recording():
+            return await self._claim_untraced(command_id, fingerprint)
+        span = tracer.start_span("dedup claim")  # not made current: it has no children
+        try:
+            claim = await self._claim_untraced(command_id, fingerprint)
+            span.set_attribute("conference_worker.dedup.outcome", type(claim).__name__.lower())
+            return claim
+        finally:
+            span.end()
+
+    async def _claim_untraced(self, command_id: str, fingerprint: str) -> Claimed | Done | Conflict:
         """Claim the command, waiting out an in-flight duplicate (never run in parallel)."""
         wait = _WAIT_FIRST_S
         while True:
@@ -197,20 +228,50 @@ def _provider(answer: ProviderAnswer) -> dict[str, Any]:
     return {"name": answer.name, "status_code": answer.status_code, "request_id": answer.request_id}
 
 
-def _failure(ident: Identity, error: WorkerError, attempts: int, received_at: datetime) -> Outcome:
+def _failure(
+    ident: Identity,
+    error: WorkerError,
+    attempts: int,
+    received_at: datetime,
+    *,
+    command: AnyCommand | None = None,
+    calls: int = 0,
+) -> Outcome:
     event = _event(ident, error.status, attempts, received_at, error=error, provider=error.provider)
-    return Outcome(event, _routing_key(ident.type, error.status), dead_letter=True)
+    return Outcome(
+        event, _routing_key(ident.type, error.status), True, command=command, calls=calls
+    )
 
 
-def _deferred(retry: RetryState, delay_s: float) -> Outcome:
-    return Outcome({}, "", dead_letter=False, defer_s=delay_s, retry=retry)
+def _deferred(
+    retry: RetryState,
+    delay_s: float,
+    command: AnyCommand,
+    calls: int = 0,
+    *,
+    delayed_retry: bool = False,
+) -> Outcome:
+    return Outcome(
+        {},
+        "",
+        dead_letter=False,
+        defer_s=delay_s,
+        retry=retry,
+        command=command,
+        calls=calls,
+        delayed_retry=delayed_retry,
+    )
 
 
-def _finish(ident: Identity, attempted: Attempted, received_at: datetime) -> Outcome:
+def _finish(
+    ident: Identity, attempted: Attempted, received_at: datetime, command: AnyCommand, calls: int
+) -> Outcome:
     if attempted.defer_s is not None:
-        return _deferred(attempted.state, attempted.defer_s)
+        return _deferred(attempted.state, attempted.defer_s, command, calls, delayed_retry=True)
     if attempted.error is not None:
-        return _failure(ident, attempted.error, attempted.attempts, received_at)
+        return _failure(
+            ident, attempted.error, attempted.attempts, received_at, command=command, calls=calls
+        )
     success = attempted.success
     event = _event(
         ident,
@@ -220,13 +281,15 @@ def _finish(ident: Identity, attempted: Attempted, received_at: datetime) -> Out
         provider=success.answer if success else None,
         data=success.data if success else None,
     )
-    return Outcome(event, _routing_key(ident.type, "succeeded"), dead_letter=False)
+    return Outcome(
+        event, _routing_key(ident.type, "succeeded"), False, command=command, calls=calls
+    )
 
 
-def _replay(stored: bytes, received_at: datetime) -> Outcome:
+def _replay(stored: bytes, received_at: datetime, command: AnyCommand) -> Outcome:
     """A stored result, answered again for a duplicate delivery (never dead-lettered)."""
     event = orjson.loads(stored)
     event.update(
         duplicate=True, attempts=0, received_at=received_at, completed_at=datetime.now(UTC)
     )
-    return Outcome(event, _routing_key(event.get("type"), event["status"]), dead_letter=False)
+    return Outcome(event, _routing_key(event.get("type"), event["status"]), False, command=command)

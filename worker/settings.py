@@ -6,6 +6,8 @@ piece (:class:`RetryPolicy`, :class:`ProviderConfig`, :class:`Topology`, ...), n
 
 from __future__ import annotations
 
+import os
+import socket
 from dataclasses import dataclass
 from typing import Literal
 
@@ -125,6 +127,18 @@ class Settings(BaseSettings):
     delivery_limit: int = Field(5, ge=1)
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    # The worker's own HTTP server: /healthz, /readyz, /metrics, /asyncapi.yaml.  127.0.0.1 keeps
+    # a developer's worker private; containers set 0.0.0.0 so probes and Prometheus reach it.
+    http_host: str = "127.0.0.1"
+    http_port: int = Field(8080, ge=0, le=65535)  # 0: any free port (tests)
+    # Names this worker in the broker's connection list (connection_name) and in traces;
+    # empty: <host name>-<process id>.
+    instance_name: str = Field("", max_length=100)
+
+    def instance(self) -> str:
+        """This worker's name: :attr:`instance_name`, else ``<host name>-<process id>``."""
+        return self.instance_name or f"{socket.gethostname()}-{os.getpid()}"
 
     def retry(self) -> RetryPolicy:
         return RetryPolicy(

@@ -49,6 +49,7 @@ def worker_settings(prefix: str, **overrides: Any) -> Settings:
         "retry_budget_s": 10.0,
         "vinix_base_url": None,
         "telnyx_base_url": None,
+        "http_port": 0,  # any free port: many workers run side by side in tests
     }
     values.update(overrides)
     return Settings(**values)
@@ -241,6 +242,7 @@ def worker_env(prefix: str, sandbox: Sandbox, **overrides: Any) -> dict[str, str
             "CW_TELNYX_API_KEY": fx["telnyx"]["api_key"],
             "CW_RETRY_BASE_DELAY_S": "0.05",
             "CW_LOG_LEVEL": "WARNING",
+            "CW_HTTP_PORT": "0",
         }
     )
     env.update({f"CW_{key.upper()}": str(value) for key, value in overrides.items()})

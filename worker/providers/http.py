@@ -20,7 +20,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 from urllib.parse import quote
 
 import aiohttp
@@ -171,11 +171,33 @@ def new_request_id() -> str:
     return uuid.uuid4().hex
 
 
+class RequestObserver(Protocol):
+    """Traces and times provider requests (:class:`worker.observe.Observer`)."""
+
+    def request_started(
+        self, provider: str, method: str, url: URL, headers: Mapping[str, str]
+    ) -> tuple[Any, Mapping[str, str]]:
+        """A span (or None) and the headers to send (with ``traceparent`` when tracing)."""
+        ...
+
+    def request_finished(
+        self,
+        span: Any,
+        provider: str,
+        status_code: int | None,
+        error_type: str | None,
+        seconds: float,
+    ) -> None:
+        """The request ended: an answer's status, or why none came."""
+        ...
+
+
 class JsonHttp:
     """One provider's connection pool: sends JSON, reads JSON, translates transport failures."""
 
-    def __init__(self, config: ProviderConfig) -> None:
+    def __init__(self, config: ProviderConfig, observer: RequestObserver | None = None) -> None:
         self._config = config
+        self._observer = observer
         self._session: aiohttp.ClientSession | None = None
         self._closed = False
 
@@ -209,17 +231,30 @@ class JsonHttp:
         """Send ``body`` as JSON; the answer, whatever its status, or ProviderUnavailable."""
         session = self._open()
         name = self._config.name
+        observer, span = self._observer, None
+        if observer is not None:
+            span, headers = observer.request_started(name, method, url, headers)
+        status: int | None = None
+        error: str | None = "cancelled"
+        started = time.perf_counter()
         try:
             async with session.request(
                 method, url, data=orjson.dumps(body), headers=headers, allow_redirects=False
             ) as response:
                 raw = await response.read()
+            status, error = response.status, None
         except TimeoutError as exc:
+            error = "timeout"
             raise _unreachable(
                 name, request_id, f"timed out after {self._config.timeout_s}s"
             ) from exc
         except aiohttp.ClientError as exc:
-            raise _unreachable(name, request_id, type(exc).__name__) from exc
+            error = type(exc).__name__
+            raise _unreachable(name, request_id, error) from exc
+        finally:
+            if observer is not None:
+                elapsed = time.perf_counter() - started
+                observer.request_finished(span, name, status, error, elapsed)
         answer_id = response.headers.get("x-request-id", request_id)
         return HttpAnswer(
             response.status,

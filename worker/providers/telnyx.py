@@ -12,7 +12,15 @@ from typing import Any
 from worker.errors import ProviderAnswer, ProviderName
 from worker.messages import SupervisorRoleChange
 from worker.providers import ProviderSuccess
-from worker.providers.http import JsonHttp, classify, endpoint, provider_error, redact, retry_after
+from worker.providers.http import (
+    JsonHttp,
+    RequestObserver,
+    classify,
+    endpoint,
+    provider_error,
+    redact,
+    retry_after,
+)
 from worker.settings import ProviderConfig
 
 
@@ -21,10 +29,10 @@ class TelnyxClient:
 
     name: ProviderName = "telnyx"
 
-    def __init__(self, config: ProviderConfig) -> None:
+    def __init__(self, config: ProviderConfig, observer: RequestObserver | None = None) -> None:
         self._base = config.base_url
         self._api_key = config.api_key
-        self._http = JsonHttp(config)
+        self._http = JsonHttp(config, observer)
 
     async def execute(self, command: SupervisorRoleChange) -> ProviderSuccess:
         """Set the supervisor's role once."""

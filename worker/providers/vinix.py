@@ -23,6 +23,7 @@ from worker.providers import ProviderSuccess
 from worker.providers.http import (
     HttpAnswer,
     JsonHttp,
+    RequestObserver,
     classify,
     endpoint,
     new_request_id,
@@ -53,10 +54,11 @@ class VinixClient:
         *,
         token_ttl_s: float = DEFAULT_TOKEN_TTL_S,
         clock: Callable[[], float] = time.monotonic,
+        observer: RequestObserver | None = None,
     ) -> None:
         self._base = config.base_url
         self._api_key = config.api_key
-        self._http = JsonHttp(config)
+        self._http = JsonHttp(config, observer)
         self._token_ttl_s = token_ttl_s
         self._clock = clock
         self._lock = asyncio.Lock()
