@@ -20,6 +20,7 @@ import aio_pika
 from aio_pika.abc import AbstractRobustConnection
 from pydantic import SecretStr
 
+from worker.allowlist import AllowList
 from worker.consumer import Consumer, Publisher
 from worker.dedup import DedupStore, make_dedup_store
 from worker.errors import ProviderName
@@ -172,6 +173,11 @@ class Service:
             dedup=dedup,
             retrier=Retrier(self.settings.retry()),
             max_body_bytes=self.settings.max_body_bytes,
+            allowlist=(
+                AllowList.from_file(self.settings.allowlist_file)
+                if self.settings.allowlist_file
+                else None
+            ),
             tracer=observer.tracer,
         )
         consumer = Consumer(declared.commands, pipeline, publisher, observer)

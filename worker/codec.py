@@ -93,7 +93,14 @@ def _loads(body: bytes) -> Any:
 
 
 def _short_str(value: Any) -> str | None:
-    return value if isinstance(value, str) and 0 < len(value) <= _MAX_ECHO else None
+    """``value`` if it is a short string that can be sent as UTF-8 (no lone surrogates)."""
+    if not (isinstance(value, str) and 0 < len(value) <= _MAX_ECHO):
+        return None
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return None
+    return value
 
 
 def _explain(body: bytes, exc: ValidationError) -> InvalidMessage:

@@ -154,6 +154,19 @@ class ConferenceDocument(BaseModel):
     require_moderator: KBool | None = None
     wait_for_moderator: KBool | None = None
 
+    @model_validator(mode="after")
+    def _integers_fit_64_bits(self) -> ConferenceDocument:
+        stack: list[Any] = [self.to_wire()]
+        while stack:
+            value = stack.pop()
+            if isinstance(value, dict):
+                stack.extend(value.values())
+            elif isinstance(value, list):
+                stack.extend(value)
+            elif isinstance(value, int) and not -(2**63) <= value < 2**64:
+                raise ValueError("integers must be between -2**63 and 2**64 - 1")
+        return self
+
     def to_wire(self) -> dict[str, Any]:
         """The document as it goes to Vinix: only what the publisher set, in Kazoo's spelling."""
         return self.model_dump(mode="json", by_alias=True, exclude_unset=True)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import uuid
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
@@ -24,13 +25,14 @@ import aio_pika
 from aio_pika.abc import AbstractExchange, AbstractIncomingMessage, AbstractQueue
 from aio_pika.exceptions import CONNECTION_EXCEPTIONS
 
-from worker import codec
+from worker import amqp_hardening, codec
 from worker.observe import Observer, Watch
 from worker.pipeline import Delivery, Outcome, Pipeline
 from worker.retry import RetryState
 from worker.settings import Topology
 
 log = logging.getLogger("worker.consumer")
+amqp_hardening.install()
 
 _MAX_HEADER_TEXT = 1000
 _MAX_REPLY_TO = 255
@@ -41,26 +43,43 @@ H_FIRST_FAILURE = "cw-first-failure-at"
 H_NOT_BEFORE = "cw-not-before"
 H_ROUTING_KEY = "cw-routing-key"
 H_PROBES = "cw-probes"
+H_PUBLISHER = "cw-publisher"
 RETRY_HEADERS = (H_ATTEMPTS, H_BUDGET_USED, H_FIRST_FAILURE, H_NOT_BEFORE, H_ROUTING_KEY, H_PROBES)
 
 
 def _number(value: Any) -> float | None:
-    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    number = float(value)
+    return number if math.isfinite(number) else None
+
+
+def from_our_delay(message: AbstractIncomingMessage) -> bool:
+    """True when the broker moved the message here from one of our delay queues.
+
+    Delay queues dead-letter through the default exchange; publishers may not write to it
+    (SECURITY.md), so only then are our ``cw-*`` headers ours and not a publisher's.
+    """
+    return message.exchange == ""
 
 
 def delivery_of(message: AbstractIncomingMessage) -> Delivery:
     """The pipeline's view of a message (retry state read defensively from our headers)."""
+    if not from_our_delay(message):
+        return Delivery(message.body, user_id=message.user_id)
     headers = message.headers or {}
+    publisher = headers.get(H_PUBLISHER)
+    user_id = publisher if isinstance(publisher, str) else None
     attempts = _number(headers.get(H_ATTEMPTS))
     if attempts is None:
-        return Delivery(message.body)
+        return Delivery(message.body, user_id=user_id)
     retry = RetryState(
         attempts=max(int(attempts), 0),
         budget_used_s=max(_number(headers.get(H_BUDGET_USED)) or 0.0, 0.0),
         first_failure_at=_number(headers.get(H_FIRST_FAILURE)),
         probes=max(int(_number(headers.get(H_PROBES)) or 0), 0),
     )
-    return Delivery(message.body, retry, _number(headers.get(H_NOT_BEFORE)))
+    return Delivery(message.body, retry, _number(headers.get(H_NOT_BEFORE)), user_id=user_id)
 
 
 def original_routing_key(message: AbstractIncomingMessage) -> str:
@@ -130,6 +149,7 @@ class Publisher:
                 H_NOT_BEFORE: datetime.now(UTC).timestamp() + delay_s,
                 H_ROUTING_KEY: original_routing_key(message),
                 H_PROBES: retry.probes,
+                H_PUBLISHER: delivery_of(message).user_id,
             }
         )
         delayed = _copy(message, headers)
@@ -143,6 +163,8 @@ def _result_message(
     headers: dict[str, Any] | None = None,
 ) -> Any:
     correlation_id = message.correlation_id or outcome.event.get("command_id")
+    if correlation_id is not None and len(correlation_id.encode("utf-8")) > 255:
+        correlation_id = None  # an AMQP short string holds 255 bytes; the event body has the id
     return aio_pika.Message(
         body,
         headers=headers,

@@ -34,6 +34,7 @@ ErrorCode = Literal[
     "unknown_type",
     "too_large",
     "idempotency_conflict",
+    "forbidden",
     "superseded",
     "expired",
     "provider_rejected",

@@ -23,6 +23,7 @@ from opentelemetry import trace
 from opentelemetry.trace import Tracer
 
 from worker import codec
+from worker.allowlist import AllowList, Forbidden
 from worker.codec import AnyCommand, Identity
 from worker.dedup import Claimed, Conflict, DedupStore, Done, InProgress
 from worker.errors import (
@@ -53,6 +54,7 @@ class Delivery:
     body: bytes
     retry: RetryState = field(default_factory=RetryState)
     not_before: float | None = None  # epoch seconds; set on a deferred command
+    user_id: str | None = None  # the publisher, as RabbitMQ verified it (AMQP user_id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +93,7 @@ class Pipeline:
     dedup: DedupStore
     retrier: Retrier
     max_body_bytes: int
+    allowlist: AllowList | None = None
     sequencer: Sequencer = field(default_factory=Sequencer)
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
     infra_retry_s: float = 1.0
@@ -105,6 +108,17 @@ class Pipeline:
         except WorkerError as exc:
             ident = codec.identity(delivery.body, self.max_body_bytes)
             return _failure(ident, exc, delivery.retry.attempts, received_at)
+        if self.allowlist is not None:
+            try:
+                self.allowlist.check(delivery.user_id, command)
+            except Forbidden as exc:
+                log.warning(
+                    "forbidden: %s",
+                    exc.message,
+                    extra={"command_id": command.command_id, "user_id": delivery.user_id},
+                )
+                ident = Identity(command.command_id, command.type)
+                return _failure(ident, exc, delivery.retry.attempts, received_at)
         wait = (delivery.not_before or 0.0) - self.clock()
         if wait > 0.25:
             return _deferred(delivery.retry, wait, command)

@@ -118,6 +118,7 @@ class Settings(BaseSettings):
 
     prefetch: int = Field(256, ge=1, le=2000)
     max_body_bytes: int = Field(256 * 1024, ge=1024)
+    allowlist_file: str | None = None
 
     commands_exchange: str = "conference.commands"
     commands_queue: str = "conference-worker.commands"

@@ -57,6 +57,7 @@ def roles(fx: dict[str, Any], count: int, run: str, **fields: Any) -> list[dict[
     ]
 
 
+@pytest.mark.timeout(OUTAGE_S + 300)
 async def test_outage_pauses_instead_of_dead_lettering(
     prefix: str, sandbox: Sandbox, admin: Admin, broker: Broker, processes: Processes
 ) -> None:

@@ -124,7 +124,7 @@ def test_ids_match_exactly_with_no_case_folding() -> None:
 
 def test_forbidden_message_names_user_and_target_and_escapes_controls(allow: AllowList) -> None:
     """The message names who and what, with control characters escaped and length bounded."""
-    user = "evil\n{\"level\": \"INFO\"}" + "x" * 500
+    user = 'evil\n{"level": "INFO"}' + "x" * 500
     error = forbidden(allow, user, update(account=ACCOUNT_B, conference=CONF_2))
     assert "\n" not in error.message
     assert len(error.message) < 400
