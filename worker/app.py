@@ -23,6 +23,7 @@ from pydantic import SecretStr
 from worker.allowlist import AllowList
 from worker.consumer import Consumer, Publisher
 from worker.dedup import DedupStore, make_dedup_store
+from worker.dedup.keeper import LeaseKeeper
 from worker.errors import ProviderName
 from worker.gate import Gate
 from worker.health import Check, HealthServer, StoreProbe, broker_check, report
@@ -32,6 +33,7 @@ from worker.providers import Provider
 from worker.providers.factory import make_provider
 from worker.retry import Retrier
 from worker.sandbox import Sandbox
+from worker.sequencer import Sequencer
 from worker.settings import ProviderConfig, Settings
 from worker.telemetry import Telemetry
 from worker.topology import declare
@@ -84,6 +86,7 @@ class Service:
     _own_telemetry: bool = False
     _probe: StoreProbe | None = None
     _stopping: bool = False
+    _renewing: asyncio.Task[None] | None = None
 
     @property
     def http_port(self) -> int | None:
@@ -179,6 +182,8 @@ class Service:
                 else None
             ),
             tracer=observer.tracer,
+            sequencer=Sequencer(store=dedup),
+            keeper=self._keeper(dedup),
         )
         consumer = Consumer(declared.commands, pipeline, publisher, observer)
         await consumer.start()
@@ -194,6 +199,12 @@ class Service:
         breakers = {name: gate.state.name.lower() for name, gate in self.gates.items()}
         return report(checks, breakers)
 
+    def _keeper(self, dedup: DedupStore) -> LeaseKeeper:
+        """Claims are renewed a few times per lease while their commands run."""
+        keeper = LeaseKeeper(dedup, interval_s=self.settings.dedup_lease_s / 3)
+        self._renewing = asyncio.create_task(keeper.run())
+        return keeper
+
     async def stop(self) -> None:
         """Stop consuming, finish what is in flight (within the grace period), close all.
 
@@ -204,6 +215,12 @@ class Service:
         self._stopping = True
         if self.consumer is not None:
             await self.consumer.stop(self.grace_s)
+        if self._renewing is not None:
+            self._renewing.cancel()
+        await self._close()
+
+    async def _close(self) -> None:
+        """Close every connection, file and server :meth:`start` opened."""
         if self.connection is not None:
             await self.connection.close()
         for provider in self._providers.values():

@@ -26,6 +26,7 @@ from worker import codec
 from worker.allowlist import AllowList, Forbidden
 from worker.codec import AnyCommand, Identity
 from worker.dedup import Claimed, Conflict, DedupStore, Done, InProgress
+from worker.dedup.keeper import LeaseKeeper
 from worker.errors import (
     IdempotencyConflict,
     ProviderAnswer,
@@ -95,6 +96,7 @@ class Pipeline:
     max_body_bytes: int
     allowlist: AllowList | None = None
     sequencer: Sequencer = field(default_factory=Sequencer)
+    keeper: LeaseKeeper | None = None  # renews the claims of long-running commands
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
     infra_retry_s: float = 1.0
     clock: Callable[[], float] = time.time
@@ -138,22 +140,28 @@ class Pipeline:
             )
         target = target_of(command)
         issued_at = command.issued_at.timestamp() if command.issued_at else None
-        if self.sequencer.is_stale(target, issued_at):
+        if await self._with_store(self.sequencer.stale, target, issued_at):
             outcome = _failure(ident, Superseded(), retry.attempts, received_at, command=command)
         else:
             provider = _ROUTES[command.type]
             before = retry.attempts
-            attempted = await self.retrier.run(
-                self.providers[provider],
-                self.gates[provider],
-                command,
-                state=retry,
-                expires_at=command.expires_at.timestamp() if command.expires_at else None,
-                stopping=self.stopping,
-            )
+            if self.keeper is not None:
+                self.keeper.hold(command.command_id, claim.token)
+            try:
+                attempted = await self.retrier.run(
+                    self.providers[provider],
+                    self.gates[provider],
+                    command,
+                    state=retry,
+                    expires_at=command.expires_at.timestamp() if command.expires_at else None,
+                    stopping=self.stopping,
+                )
+            finally:
+                if self.keeper is not None:
+                    self.keeper.drop(command.command_id)
             outcome = _finish(ident, attempted, received_at, command, attempted.attempts - before)
             if outcome.status == "succeeded":
-                self.sequencer.applied(target, issued_at)
+                await self._with_store(self.sequencer.record, target, issued_at)
         await self._remember(command, claim, outcome)
         return outcome
 

@@ -81,7 +81,7 @@ class DedupConfig:
 
     url: str
     retention_s: float = 24 * 3600.0
-    lease_s: float = 120.0
+    lease_s: float = 15.0
 
 
 class Settings(BaseSettings):
@@ -94,7 +94,7 @@ class Settings(BaseSettings):
     amqp_url: SecretStr = SecretStr("amqp://guest:guest@127.0.0.1:5672/")
     dedup_url: SecretStr = SecretStr("sqlite:///.conference-worker/dedup.sqlite3")
     dedup_retention_s: float = Field(24 * 3600.0, gt=0)
-    dedup_lease_s: float = Field(120.0, gt=0)
+    dedup_lease_s: float = Field(15.0, ge=1)
 
     vinix_base_url: str | None = None
     vinix_api_key: SecretStr | None = None
@@ -179,7 +179,7 @@ class Settings(BaseSettings):
         return DedupConfig(
             url=self.dedup_url.get_secret_value(),
             retention_s=self.dedup_retention_s,
-            lease_s=max(self.dedup_lease_s, self.retry_budget_s + 30.0),
+            lease_s=self.dedup_lease_s,
         )
 
     def provider(self, name: ProviderName) -> ProviderConfig | None:

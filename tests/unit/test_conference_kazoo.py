@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from hypothesis_jsonschema import from_schema
 from jsonschema import Draft4Validator
@@ -158,9 +158,19 @@ def mutations() -> st.SearchStrategy[tuple[tuple[str, ...], Any]]:
 @EXAMPLES
 @given(st.deferred(lambda: valid(kazoo()[0])))
 def test_documents_kazoo_accepts_are_accepted_unchanged(doc: dict[str, Any]) -> None:
-    """Every document valid for Kazoo's schema is accepted and sent to Vinix as it came."""
+    """Every document valid for Kazoo's schema is accepted and sent to Vinix as it came, except
+    integers beyond 64 bits, which the worker refuses on purpose (orjson cannot hold them)."""
     assert kazoo_accepts(doc), "the generator must only draw valid documents"
+    assume(fits_64_bits(doc))
     assert ConferenceDocument.model_validate_json(json.dumps(doc)).to_wire() == doc
+
+
+def fits_64_bits(value: Any) -> bool:
+    if isinstance(value, dict):
+        return all(fits_64_bits(v) for v in value.values())
+    if isinstance(value, list):
+        return all(fits_64_bits(v) for v in value)
+    return not isinstance(value, int) or -(2**63) <= value < 2**64
 
 
 @EXAMPLES

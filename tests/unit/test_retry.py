@@ -238,7 +238,7 @@ async def test_deadline_passing_at_an_open_breaker_expires() -> None:
 
 
 async def test_failed_probes_do_not_use_up_the_attempts() -> None:
-    """Calls made as the breaker's probe are counted but not capped: an outage cannot exhaust them."""
+    """Calls made as the breaker's probe are counted, not capped: an outage cannot exhaust them."""
     gate = Gate("telnyx", GateConfig(failure_threshold=1, cooldown_s=0.01))
     gate.failed()
     retrier = Retrier(RetryPolicy(max_attempts=2, base_delay_s=0.001), rng=lambda: 1.0)
