@@ -28,6 +28,7 @@ COPY --from=build /opt/venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
+    CW_HTTP_HOST=0.0.0.0 \
     CW_HTTP_PORT=8080 \
     CW_DEDUP_URL=sqlite:////home/worker/dedup.sqlite3
 USER 10001:10001

@@ -259,6 +259,7 @@ async def main(*, keep: bool = False) -> int:
         dead_exchange=f"{run}.dead",
         dead_queue=f"{run}.worker.dead",
         dedup_url=f"sqlite:///{state}/dedup.sqlite3",
+        http_port=0,
         retry_max_attempts=3,
         retry_base_delay_s=0.05,
         retry_budget_s=5.0,
