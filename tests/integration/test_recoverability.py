@@ -124,6 +124,8 @@ async def test_sigkill_during_long_backoff_loses_nothing(
     processes.spawn(env)
     events = await broker.collect(20, timeout_s=60)
     assert Counter((e["status"], e["attempts"]) for e in events) == {("succeeded", 2): 20}
+    for seconds in (4, 8):  # this test's own delay tiers
+        await broker.channel.queue_delete(broker.settings.topology().delay_queue(seconds))
 
 
 async def test_alternating_roles_end_on_the_last_one(
