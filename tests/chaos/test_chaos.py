@@ -6,9 +6,11 @@ import asyncio
 import os
 import random
 import signal
+import socket
 import subprocess
 
 import aio_pika
+import aiohttp
 import pytest
 
 from tests.chaos.conftest import Run, env_for
@@ -66,16 +68,39 @@ async def test_sigkill_at_random_moments(chaos: Run, admin: Admin, processes: Pr
     await chaos.check(admin)
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def readiness_becomes(port: int, status: int, timeout_s: float) -> None:
+    """Poll the worker's /readyz until it answers ``status``."""
+    async with aiohttp.ClientSession() as http, asyncio.timeout(timeout_s):
+        while True:
+            try:
+                async with http.get(f"http://127.0.0.1:{port}/readyz") as answer:
+                    if answer.status == status:
+                        return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.2)
+
+
 @pytest.mark.timeout(300)
 async def test_rabbitmq_restart(chaos: Run, admin: Admin, processes: Processes) -> None:
-    """Restart RabbitMQ mid-run: the worker reconnects and resumes consuming by itself."""
+    """Restart RabbitMQ mid-run: readiness turns false, then true again; the worker reconnects
+    and resumes consuming by itself."""
     chaos.make_commands(5000)
     await chaos.publish()
-    await started(chaos, processes)
+    port = free_port()
+    await started(chaos, processes, http_port=port)
+    await readiness_becomes(port, 200, timeout_s=30)
     await asyncio.sleep(2)
     await asyncio.to_thread(
         subprocess.run, ["rabbitmqctl", "stop_app"], check=True, capture_output=True
     )
+    await readiness_becomes(port, 503, timeout_s=30)
     await asyncio.sleep(3)
     await asyncio.to_thread(
         subprocess.run, ["rabbitmqctl", "start_app"], check=True, capture_output=True
@@ -83,6 +108,7 @@ async def test_rabbitmq_restart(chaos: Run, admin: Admin, processes: Processes) 
     await asyncio.to_thread(
         subprocess.run, ["rabbitmqctl", "await_startup"], check=True, capture_output=True
     )
+    await readiness_becomes(port, 200, timeout_s=60)
     chaos.repeat_bound += PREFETCH
     await chaos.collect_until_complete(timeout_s=200)
     await chaos.check(admin)

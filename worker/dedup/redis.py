@@ -75,6 +75,7 @@ _COMPLETE = (
 _RELEASE = _OWNED + "return redis.call('DEL', KEYS[1])\n"
 # ARGV[1] = token, ARGV[2] = lease in ms.
 _RENEW = _OWNED + "return redis.call('PEXPIRE', KEYS[1], ARGV[2])\n"
+_LAST_APPLIED = "return redis.call('GET', KEYS[1])"
 # ARGV[1] = issued_at, ARGV[2] = retention in ms; keeps the maximum.
 _MARK_APPLIED = """
 local known = tonumber(redis.call('GET', KEYS[1]))
@@ -160,6 +161,7 @@ class RedisDedupStore:
         self._release = self._redis.register_script(_RELEASE)
         self._mark_applied = self._redis.register_script(_MARK_APPLIED)
         self._renew = self._redis.register_script(_RENEW)
+        self._last_applied = self._redis.register_script(_LAST_APPLIED)
         self._batch = _Coalescer(self._redis)
 
     @property
@@ -205,14 +207,14 @@ class RedisDedupStore:
 
     async def last_applied(self, target: str) -> float | None:
         """The newest applied ``issued_at`` of ``target`` within the retention window."""
-        value = await _reach(self._redis.get(APPLIED_PREFIX + target))
+        value = await _reach(self._batch.call(self._last_applied, [APPLIED_PREFIX + target], []))
         return None if value is None else float(value)
 
     async def mark_applied(self, target: str, issued_at: float) -> None:
         """Keep the newest ``issued_at`` of ``target`` for the retention window."""
         await _reach(
-            self._mark_applied(
-                keys=[APPLIED_PREFIX + target], args=[repr(issued_at), self._retention_ms]
+            self._batch.call(
+                self._mark_applied, [APPLIED_PREFIX + target], [repr(issued_at), self._retention_ms]
             )
         )
 

@@ -1,0 +1,371 @@
+"""Benchmark stages: the sandbox and consumer processes, their environment, sampling, profiling."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import shutil
+import sys
+import time
+from collections import Counter
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import redis.asyncio as aioredis
+from aio_pika.abc import AbstractChannel, AbstractConnection
+
+from worker import topology as worker_topology
+from worker.settings import Topology
+
+from .load import (
+    CommandFactory,
+    ResultCollector,
+    SandboxFixtures,
+)
+from .procs import (
+    ROOT,
+    BenchError,
+    Child,
+    Kind,
+    console,
+    free_port,
+    spawn,
+    status_kb,
+)
+
+# --------------------------------------------------------------------------------------------
+# Context
+
+
+@dataclass(slots=True)
+class SandboxProc:
+    child: Child
+    base_url: str  # http://127.0.0.1:PORT/v2
+    latency_ms: float
+    fixtures: SandboxFixtures
+
+    @property
+    def admin(self) -> str:
+        return self.base_url.removesuffix("/v2") + "/__admin"
+
+
+@dataclass(slots=True)
+class Ctx:
+    args: argparse.Namespace
+    run_id: str
+    logs: Path
+    connection: AbstractConnection
+    channel: AbstractChannel  # publishes (with confirms) and declares
+    probe: AbstractChannel  # passive declares for in-flight counts
+    redis: aioredis.Redis
+    http: aiohttp.ClientSession
+    beam: list[int]
+    redis_server: list[int]
+    profiles: dict[str, str] = field(default_factory=dict)
+
+    def roles(self, consumer: Child, sandbox: SandboxProc) -> dict[str, list[int]]:
+        return {
+            "consumer": [consumer.pid],
+            "sandbox": [sandbox.child.pid],
+            "rabbitmq": self.beam,
+            "redis": self.redis_server,
+            "runner": [os.getpid()],
+        }
+
+
+def python() -> str:
+    venv = ROOT / ".venv" / "bin" / "python"
+    return str(venv) if venv.exists() else sys.executable
+
+
+def base_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CW_")}
+    env["PYTHONUNBUFFERED"] = "1"
+    env.setdefault("PYTHONHASHSEED", "0")  # same dict/set layouts run after run
+    return env
+
+
+async def start_sandbox(ctx: Ctx, latency_ms: float) -> SandboxProc:
+    port = free_port()
+    argv = [python(), "-m", "worker", "sandbox", "--port", str(port)]
+    argv += ["--conferences", str(ctx.args.conferences), "--latency-ms", f"{latency_ms:g}"]
+    child = spawn(f"sandbox-{latency_ms:g}ms", argv, base_env(), ctx.logs)
+    root = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        if not child.alive():
+            raise BenchError(f"the sandbox exited:\n{child.tail()}")
+        with contextlib.suppress(aiohttp.ClientError):
+            async with ctx.http.get(f"{root}/__admin/fixtures") as answer:
+                if answer.status == 200:
+                    doc = orjson.loads(await answer.read())
+                    return SandboxProc(
+                        child, f"{root}/v2", latency_ms, SandboxFixtures.from_document(doc)
+                    )
+        if time.monotonic() > deadline:
+            raise BenchError(f"the sandbox did not answer within 30 s:\n{child.tail()}")
+        await asyncio.sleep(0.1)
+
+
+async def reset_sandbox(ctx: Ctx, sandbox: SandboxProc) -> None:
+    """Demo data, tokens and the request log back to the start (memory stays flat)."""
+    async with ctx.http.post(f"{sandbox.admin}/reset") as answer:
+        answer.raise_for_status()
+
+
+def topology_for(prefix: str) -> Topology:
+    return Topology(
+        commands_exchange=f"{prefix}.commands",
+        commands_queue=f"{prefix}.worker.commands",
+        results_exchange=f"{prefix}.results",
+        dead_exchange=f"{prefix}.dead",
+        dead_queue=f"{prefix}.worker.dead",
+    )
+
+
+def worker_env(
+    ctx: Ctx, topology: Topology, sandbox: SandboxProc, prefetch: int, pool_size: int
+) -> dict[str, str]:
+    fx = sandbox.fixtures
+    env = base_env()
+    env.update(
+        {
+            "CW_AMQP_URL": ctx.args.amqp_url,
+            "CW_DEDUP_URL": ctx.args.dedup_url,
+            "CW_DEDUP_RETENTION_S": "3600",  # a safety net: the runner deletes its keys itself
+            "CW_COMMANDS_EXCHANGE": topology.commands_exchange,
+            "CW_COMMANDS_QUEUE": topology.commands_queue,
+            "CW_RESULTS_EXCHANGE": topology.results_exchange,
+            "CW_DEAD_EXCHANGE": topology.dead_exchange,
+            "CW_DEAD_QUEUE": topology.dead_queue,
+            "CW_VINIX_BASE_URL": sandbox.base_url,
+            "CW_VINIX_API_KEY": fx.vinix_api_key,
+            "CW_TELNYX_BASE_URL": sandbox.base_url,
+            "CW_TELNYX_API_KEY": fx.telnyx_api_key,
+            "CW_PREFETCH": str(prefetch),
+            "CW_HTTP_POOL_SIZE": str(pool_size),
+            "CW_HTTP_PORT": "0",
+        }
+    )
+    env.update(extra_worker_env(ctx.args))
+    return env
+
+
+def extra_worker_env(args: argparse.Namespace) -> dict[str, str]:
+    extra: dict[str, str] = {}
+    for item in args.worker_env:
+        name, _, value = item.partition("=")
+        extra[name] = value
+    return extra
+
+
+def start_consumer(
+    ctx: Ctx,
+    *,
+    kind: Kind,
+    name: str,
+    topology: Topology,
+    sandbox: SandboxProc,
+    prefetch: int,
+    pool_size: int,
+) -> Child:
+    if kind == "worker":
+        argv = [python(), "-m", "worker", "run", "--grace-s", "5"]
+        env = worker_env(ctx, topology, sandbox, prefetch, pool_size)
+        return spawn(name, argv, env, ctx.logs)
+    fx = sandbox.fixtures
+    argv = [python(), "-m", "ops.bench.floor", "--amqp-url", ctx.args.amqp_url]
+    argv += ["--queue", topology.commands_queue, "--results-exchange", topology.results_exchange]
+    argv += ["--telnyx-url", sandbox.base_url, "--telnyx-key", fx.telnyx_api_key]
+    argv += ["--vinix-url", sandbox.base_url, "--vinix-key", fx.vinix_api_key]
+    argv += ["--prefetch", str(prefetch), "--pool-size", str(pool_size)]
+    return spawn(name, argv, base_env(), ctx.logs)
+
+
+# --------------------------------------------------------------------------------------------
+# One scenario's topology, results queue and collector; removed afterwards.
+
+
+@dataclass(slots=True)
+class Stage:
+    ctx: Ctx
+    name: str
+    topology: Topology
+    results_queue: str
+    collector: ResultCollector
+    factory: CommandFactory
+
+
+@contextlib.asynccontextmanager
+async def stage(ctx: Ctx, name: str, sandbox: SandboxProc) -> AsyncIterator[Stage]:
+    prefix = f"{ctx.run_id}-{name}"
+    topology = topology_for(prefix)
+    results_queue = f"{prefix}.bench-results"
+    collector = ResultCollector()
+    channel = await ctx.connection.channel()
+    try:
+        await worker_topology.declare(ctx.channel, topology)
+        queue = await channel.declare_queue(results_queue, exclusive=True, durable=False)
+        await queue.bind(topology.results_exchange, "#")
+        await collector.start(channel, queue)
+        await reset_sandbox(ctx, sandbox)
+        yield Stage(
+            ctx, name, topology, results_queue, collector, CommandFactory(sandbox.fixtures, prefix)
+        )
+    finally:
+        with contextlib.suppress(Exception):
+            await collector.stop()
+        with contextlib.suppress(Exception):
+            await channel.queue_delete(results_queue)
+        with contextlib.suppress(Exception):
+            await channel.close()
+        try:
+            await worker_topology.delete(ctx.channel, topology)
+        except Exception as exc:  # the channel may be gone: say so, go on
+            console.print(f"[yellow]could not delete the topology {prefix}.*: {exc!r}")
+        await delete_dedup_keys(ctx, prefix)
+
+
+async def delete_dedup_keys(ctx: Ctx, prefix: str) -> int:
+    """The worker's ``cw:dedup:<command id>`` keys of this scenario."""
+    deleted = 0
+    try:
+        batch: list[Any] = []
+        async for key in ctx.redis.scan_iter(match=f"cw:dedup:{prefix}-*", count=2000):
+            batch.append(key)
+            if len(batch) >= 2000:
+                deleted += await ctx.redis.unlink(*batch)
+                batch.clear()
+        if batch:
+            deleted += await ctx.redis.unlink(*batch)
+    except Exception as exc:
+        console.print(f"[yellow]could not delete the dedup keys of {prefix}: {exc!r}")
+    return deleted
+
+
+async def queue_state(ctx: Ctx, queue: str) -> tuple[int, int]:
+    """(ready messages, consumers) of ``queue``, asked of the broker each time."""
+    if ctx.probe.is_closed:
+        ctx.probe = await ctx.connection.channel()
+    raw = await ctx.probe.get_underlay_channel()  # aio-pika caches passive declares
+    result = await raw.queue_declare(queue, passive=True)
+    return int(result.message_count or 0), int(result.consumer_count or 0)
+
+
+@dataclass(slots=True)
+class Sampler:
+    """Samples the consumer's VmRSS and the commands in flight (taken, not yet answered)."""
+
+    ctx: Ctx
+    child: Child
+    queue: str
+    total: int
+    collector: ResultCollector
+    every_s: float
+    samples: list[tuple[float, int, int]] = field(default_factory=list)  # (t, rss kB, in flight)
+    _task: asyncio.Task[None] | None = None
+    _stop: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        while not self._stop.is_set():
+            rss = status_kb(self.child.pid, "VmRSS") or 0
+            try:
+                ready, _ = await queue_state(self.ctx, self.queue)
+                inflight = max(0, self.total - ready - self.collector.count)
+            except Exception:
+                inflight = -1
+            self.samples.append((time.perf_counter(), rss, inflight))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), self.every_s)
+
+    async def stop(self) -> None:
+        """Stop after the current sample (cancelling an RPC would close the probe channel)."""
+        self._stop.set()
+        if self._task is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._task, 10.0)
+
+    def between(self, start: float, end: float) -> list[tuple[float, int, int]]:
+        return [s for s in self.samples if start <= s[0] <= end and s[2] >= 0]
+
+
+# --------------------------------------------------------------------------------------------
+# Profiling (optional): py-spy attached to the consumer for the measured window.
+
+
+def start_profiler(ctx: Ctx, child: Child, name: str) -> Child | None:
+    spy = shutil.which("py-spy", path=str(Path(python()).parent)) or shutil.which("py-spy")
+    if spy is None:
+        console.print("[yellow]--profile: py-spy is not installed (pip install py-spy); skipped")
+        return None
+    fmt = ctx.args.profile_format
+    suffix = {"raw": "txt", "flamegraph": "svg", "speedscope": "json"}[fmt]
+    out = ctx.logs / f"{name}.pyspy.{suffix}"
+    argv = [spy, "record", "--pid", str(child.pid), "--rate", str(ctx.args.profile_rate)]
+    argv += ["--format", fmt, "--output", str(out)]
+    if ctx.args.profile_nonblocking:
+        argv.append("--nonblocking")  # cheaper, but many stacks come back truncated
+    ctx.profiles[name] = str(out)
+    return spawn(f"{name}.pyspy", argv, base_env(), ctx.logs)
+
+
+def summarize_profile(path: Path, top: int = 20) -> dict[str, Any]:
+    """Self and inclusive time by function, and by library, from py-spy's raw (collapsed) output."""
+    self_time: Counter[str] = Counter()
+    inclusive: Counter[str] = Counter()
+    areas: Counter[str] = Counter()
+    total = 0
+    for line in path.read_text(errors="replace").splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        total += count
+        frames = [_frame(f) for f in stack.split(";") if f]
+        if not frames:
+            continue
+        self_time[frames[-1]] += count
+        for frame in set(frames):
+            inclusive[frame] += count
+        areas[_area(stack.split(";")[-1])] += count
+
+    def share(counter: Counter[str]) -> list[tuple[str, float]]:
+        return [(k, round(100.0 * v / total, 1)) for k, v in counter.most_common(top)]
+
+    return {
+        "samples": total,
+        "self_pct": share(self_time),
+        "inclusive_pct": share(inclusive),
+        "leaf_by_library_pct": share(areas),
+    }
+
+
+def _frame(frame: str) -> str:
+    """``func (path/to/file.py:123)`` → ``func (file.py)``: lines merged."""
+    name, _, where = frame.partition(" (")
+    file = where.rsplit(":", 1)[0].rstrip(")")
+    return f"{name} ({_short(file)})"
+
+
+def _short(file: str) -> str:
+    if "site-packages/" in file:
+        return file.split("site-packages/", 1)[1]
+    for marker in ("/worker/", "/ops/"):
+        if marker in file:
+            return marker.strip("/") + "/" + file.split(marker, 1)[1]
+    return file.rsplit("/lib/python3", 1)[-1].split("/", 1)[-1] if "/lib/python3" in file else file
+
+
+def _area(frame: str) -> str:
+    file = _short(frame.partition(" (")[2].rsplit(":", 1)[0])
+    head = file.split("/", 1)[0]
+    return head.removesuffix(".py") if "/" in file or file.endswith(".py") else file
