@@ -278,8 +278,3 @@ async def run(settings: Settings, grace_s: float = 30.0) -> None:
         for signum in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(Exception):
                 loop.remove_signal_handler(signum)
-
-
-def describe(settings: Settings) -> dict[str, Any]:
-    """The effective configuration with secrets masked (for the first log lines)."""
-    return settings.model_dump(mode="json")
