@@ -20,10 +20,12 @@ from typing import Any
 import aio_pika
 import orjson
 import pytest
+import redis.asyncio as aioredis
 from aio_pika.exceptions import CONNECTION_EXCEPTIONS
 
 from tests.integration.conftest import (
     AMQP_URL,
+    REDIS_URL,
     Admin,
     Processes,
     queue_counts,
@@ -31,6 +33,7 @@ from tests.integration.conftest import (
     worker_settings,
 )
 from worker import topology
+from worker.dedup.redis import APPLIED_PREFIX
 from worker.sandbox import Sandbox
 from worker.settings import Settings
 
@@ -67,7 +70,7 @@ class Run:
         """A mix of Vinix replaces and Telnyx role changes, issued in order, over many targets."""
         fx = self.sandbox.fixtures
         run = uuid.uuid4().hex[:8]
-        start = datetime.now(UTC) - timedelta(hours=1)
+        start = datetime.now(UTC)
         calls = [(c, x) for c, ids in fx["telnyx"]["calls_by_conference"].items() for x in ids]
         confs = fx["vinix"]["conference_ids"]
         for n in range(count):
@@ -164,8 +167,11 @@ class Run:
         await self.drain_results()
         return counts
 
-    async def check(self, admin: Admin) -> None:
-        """Every promise of the service, asserted; the figures recorded for the summary."""
+    async def check(self, admin: Admin, *, all_succeed: bool = True) -> None:
+        """Every promise of the service, asserted; the figures recorded for the summary.
+
+        Without provider faults (``all_succeed``) every command must end ``succeeded``.
+        """
         left = await self.settled()
         ids = [c["command_id"] for c in self.commands]
         lost = [i for i in ids if not self.events.get(i)]
@@ -184,6 +190,11 @@ class Run:
             }
         )
         assert not lost, f"{len(lost)} commands without a result, e.g. {lost[:3]}"
+        statuses = Counter(self.final_status(i) for i in ids)
+        if all_succeed:
+            assert statuses == {"succeeded": len(ids)}, statuses
+        else:  # provider faults may exhaust a budget; nothing may be rejected or superseded
+            assert set(statuses) <= {"succeeded", "failed"}, statuses
         assert set(dead) == failures
         assert repeats <= self.repeat_bound
         assert await self.final_state_is_intended()
@@ -222,9 +233,19 @@ def processes() -> Iterator[Processes]:
     running.stop_all()
 
 
+async def forget_applied() -> None:
+    """Drop what earlier runs recorded as applied to the sandbox's (deterministic) targets."""
+    client = aioredis.Redis.from_url(REDIS_URL)
+    keys = [key async for key in client.scan_iter(match=f"{APPLIED_PREFIX}*", count=1000)]
+    if keys:
+        await client.delete(*keys)
+    await client.aclose()
+
+
 @pytest.fixture
 async def chaos(request: Any, sandbox: Sandbox) -> AsyncIterator[Run]:
     """A declared topology with a results queue, for one scenario; removed afterwards."""
+    await forget_applied()
     prefix = f"chaos-{uuid.uuid4().hex[:8]}"
     settings = worker_settings(prefix)
     connection = await aio_pika.connect_robust(AMQP_URL)

@@ -122,7 +122,7 @@ async def test_sigkill_during_long_backoff_loses_nothing(
     )
     assert delayed.declaration_result.message_count == 20
     processes.spawn(env)
-    events = await broker.collect(20, timeout_s=60)
+    events = await broker.collect(20, timeout_s=120)
     assert Counter((e["status"], e["attempts"]) for e in events) == {("succeeded", 2): 20}
     for seconds in (4, 8):  # this test's own delay tiers
         await broker.channel.queue_delete(broker.settings.topology().delay_queue(seconds))

@@ -287,7 +287,7 @@ def _race(url: str, prefix: str, count: int, seed: int, *, barrier: Any, results
     async def race() -> list[int]:
         store = dedup.make_dedup_store(DedupConfig(url=url, lease_s=300.0))
         await store.ping()
-        barrier.wait(timeout=30)
+        barrier.wait(timeout=150)
         order = random.Random(seed).sample(range(count), count)
         won = [i for i in order if isinstance(await store.claim(f"{prefix}{i}", FP), Claimed)]
         await store.close()
@@ -307,7 +307,7 @@ def race_in_processes(url: str, prefix: str, count: int, processes: int = 2) -> 
     for racer in racers:
         racer.start()
     for racer in racers:  # the results are small enough to wait in the queue's pipe
-        racer.join(timeout=60)
+        racer.join(timeout=240)
     assert [racer.exitcode for racer in racers] == [0] * processes
     return [sync["results"].get(timeout=5) for _ in racers]
 
