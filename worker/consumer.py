@@ -133,7 +133,10 @@ class Publisher:
         if outcome.dead_letter:
             dead = _dead_letter(outcome, message)
             sends.append(self.dead.publish(dead, original_routing_key(message), mandatory=True))
-        await asyncio.gather(*sends)
+        if len(sends) == 1:
+            await sends[0]  # the usual case: no task to wrap a lone publish in
+        else:
+            await asyncio.gather(*sends)
 
     async def _defer(
         self, delay_s: float, retry: RetryState, message: AbstractIncomingMessage
@@ -212,18 +215,43 @@ def _copy(message: AbstractIncomingMessage, headers: dict[str, Any]) -> Any:
 
 
 async def settle(message: AbstractIncomingMessage, outcome: Outcome, publisher: Publisher) -> bool:
-    """Finish a delivery: publish and confirm, then ack; on failure return it to the queue."""
+    """Finish a delivery: publish and confirm, then ack; on failure return it to the queue.
+
+    The dedup store's record of the outcome (:attr:`Outcome.remember`) is made while the result
+    is being published (one round trip off the command's latency), and the delivery is acked only
+    when both are done: a crash in between redelivers it, and the worst case is a repeated event.
+    """
+    remembering = None if outcome.remember is None else asyncio.ensure_future(outcome.remember())
+    failure: BaseException | None = None
     try:
         await publisher.publish(outcome, message)
     except CONNECTION_EXCEPTIONS as exc:
+        failure = exc
+    except BaseException:
+        if remembering is not None:
+            remembering.cancel()
+        raise
+    if remembering is not None and not await _remembered(remembering, outcome):
+        failure = failure or RuntimeError("the dedup store's record failed")
+    if failure is not None:
         log.error(
-            "could not publish the outcome of %s; returning it to the queue: %r",
+            "could not finish %s; returning it to the queue: %r",
             outcome.event.get("command_id"),
-            exc,
+            failure,
         )
         await _quietly(message.nack(requeue=True))
         return False
     await _quietly(message.ack())
+    return True
+
+
+async def _remembered(remembering: asyncio.Future[None], outcome: Outcome) -> bool:
+    """Wait for the dedup store's record; False (logged) if making it raised."""
+    try:
+        await remembering
+    except Exception:
+        log.exception("could not record %s in the dedup store", outcome.event.get("command_id"))
+        return False
     return True
 
 
@@ -279,7 +307,7 @@ class Consumer:
         try:
             delivery = delivery_of(message)
             watch.first_delivery = delivery.retry.attempts == 0 and delivery.not_before is None
-            outcome = await self.pipeline.process(delivery)
+            outcome = await self.pipeline.process(delivery, remember_later=True)
         except asyncio.CancelledError:
             raise
         except Exception as exc:

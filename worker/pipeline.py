@@ -1,11 +1,13 @@
 """The life of one command, as plain async steps that know nothing of the broker.
 
-decode → take the target's turn → deduplicate → drop if superseded → check the deadline → call
-the provider through its gate, with retries → remember the result → build the result event.
+decode → take the target's turn → deduplicate (reading the target's newest applied ``issued_at``
+with the claim) → drop if superseded → check the deadline → call the provider through its gate,
+with retries → build the result event → remember the result in the dedup store.
 :func:`Pipeline.process` always returns an :class:`Outcome`: a final result event (maybe to be
-dead-lettered) or a deferral to a broker-held delay.  What the consumer then does with the message
-(publish, dead-letter, delay, ack) is decided in :func:`worker.consumer.settle`.  Only trouble that
-makes the message unsafe to finish (the dedup store unreachable) is waited out here.
+dead-lettered) or a deferral to a broker-held delay.  The consumer asks for the last step to be
+left to it (``remember_later``) and runs it while it publishes the result; what it then does with
+the message (publish, dead-letter, delay, ack) is decided in :func:`worker.consumer.settle`.  Only
+trouble that makes the message unsafe to finish (the dedup store unreachable) is waited out here.
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any, TypeVar
 
 import orjson
@@ -25,7 +28,7 @@ from opentelemetry.trace import Tracer
 from worker import codec
 from worker.allowlist import AllowList, Forbidden
 from worker.codec import AnyCommand, Identity
-from worker.dedup import Claimed, Conflict, DedupStore, Done, InProgress
+from worker.dedup import Applied, Claimed, Conflict, DedupStore, Done, InProgress
 from worker.dedup.keeper import LeaseKeeper
 from worker.errors import (
     IdempotencyConflict,
@@ -38,7 +41,7 @@ from worker.gate import Gate
 from worker.messages import COMMAND_TYPES
 from worker.providers import Provider
 from worker.retry import Attempted, Retrier, RetryState
-from worker.sequencer import Sequencer, target_of
+from worker.sequencer import Sequencer, target_key, target_of
 
 log = logging.getLogger("worker.pipeline")
 T = TypeVar("T")
@@ -64,6 +67,10 @@ class Outcome:
 
     ``command`` (when it could be decoded), ``calls`` (provider calls made by this delivery) and
     ``delayed_retry`` (a deferral decided by the retrier) are for metrics and traces only.
+
+    ``remember`` (only from ``process(..., remember_later=True)``): the dedup store's record of
+    this outcome, still to be made; the caller runs it (concurrently with publishing the result)
+    and acknowledges the delivery only after it returned.
     """
 
     event: dict[str, Any]
@@ -74,6 +81,7 @@ class Outcome:
     command: AnyCommand | None = None
     calls: int = 0
     delayed_retry: bool = False
+    remember: Callable[[], Awaitable[None]] | None = None
 
     @property
     def status(self) -> str:
@@ -102,8 +110,12 @@ class Pipeline:
     clock: Callable[[], float] = time.time
     tracer: Tracer | None = None  # child spans (dedup claim) under the delivery's current span
 
-    async def process(self, delivery: Delivery) -> Outcome:
-        """Carry out one delivery's command and say how it ended."""
+    async def process(self, delivery: Delivery, *, remember_later: bool = False) -> Outcome:
+        """Carry out one delivery's command and say how it ended.
+
+        With ``remember_later`` the dedup store's record is left to the caller
+        (:attr:`Outcome.remember`), so that it need not wait for it before publishing.
+        """
         received_at = datetime.now(UTC)
         try:
             command = codec.decode(delivery.body, self.max_body_bytes)
@@ -125,85 +137,109 @@ class Pipeline:
         if wait > 0.25:
             return _deferred(delivery.retry, wait, command)
         async with self.sequencer.turn(target_of(command)):
-            return await self._carry_out(command, delivery.retry, received_at)
+            outcome = await self._carry_out(command, delivery.retry, received_at)
+        if outcome.remember is not None and not remember_later:
+            await outcome.remember()
+            outcome = replace(outcome, remember=None)
+        return outcome
 
     async def _carry_out(
         self, command: AnyCommand, retry: RetryState, received_at: datetime
     ) -> Outcome:
         ident = Identity(command.command_id, command.type)
-        claim = await self._claim(command.command_id, codec.fingerprint(command))
+        target = target_of(command)
+        issued_at = command.issued_at.timestamp() if command.issued_at else None
+        key = None if issued_at is None else target_key(target)
+        claim = await self._claim(command.command_id, codec.fingerprint(command), key)
         if isinstance(claim, Done):
             return _replay(claim.result, received_at, command)
         if isinstance(claim, Conflict):
             return _failure(
                 ident, IdempotencyConflict(), retry.attempts, received_at, command=command
             )
-        target = target_of(command)
-        issued_at = command.issued_at.timestamp() if command.issued_at else None
-        if await self._with_store(self.sequencer.stale, target, issued_at):
+        applied = None
+        if self.sequencer.is_stale(target, issued_at, claim.last_applied):
             outcome = _failure(ident, Superseded(), retry.attempts, received_at, command=command)
         else:
-            provider = _ROUTES[command.type]
-            before = retry.attempts
-            if self.keeper is not None:
-                self.keeper.hold(command.command_id, claim.token)
-            try:
-                attempted = await self.retrier.run(
-                    self.providers[provider],
-                    self.gates[provider],
-                    command,
-                    state=retry,
-                    expires_at=command.expires_at.timestamp() if command.expires_at else None,
-                    stopping=self.stopping,
-                )
-            finally:
-                if self.keeper is not None:
-                    self.keeper.drop(command.command_id)
-            outcome = _finish(ident, attempted, received_at, command, attempted.attempts - before)
-            if outcome.status == "succeeded":
-                await self._with_store(self.sequencer.record, target, issued_at)
-        await self._remember(command, claim, outcome)
-        return outcome
+            outcome = await self._call(command, claim, retry, received_at)
+            if outcome.status == "succeeded" and key is not None and issued_at is not None:
+                self.sequencer.applied(target, issued_at)
+                applied = Applied(key, issued_at)
+        return replace(outcome, remember=partial(self._remember, command, claim, outcome, applied))
 
-    async def _claim(self, command_id: str, fingerprint: str) -> Claimed | Done | Conflict:
+    async def _call(
+        self, command: AnyCommand, claim: Claimed, retry: RetryState, received_at: datetime
+    ) -> Outcome:
+        """Carry the claimed command out against its provider (the claim kept alive meanwhile)."""
+        provider = _ROUTES[command.type]
+        before = retry.attempts
+        if self.keeper is not None:
+            self.keeper.hold(command.command_id, claim.token)
+        try:
+            attempted = await self.retrier.run(
+                self.providers[provider],
+                self.gates[provider],
+                command,
+                state=retry,
+                expires_at=command.expires_at.timestamp() if command.expires_at else None,
+                stopping=self.stopping,
+            )
+        finally:
+            if self.keeper is not None:
+                self.keeper.drop(command.command_id)
+        ident = Identity(command.command_id, command.type)
+        return _finish(ident, attempted, received_at, command, attempted.attempts - before)
+
+    async def _claim(
+        self, command_id: str, fingerprint: str, target: str | None
+    ) -> Claimed | Done | Conflict:
         """Claim the command (a child span when the delivery's span is recorded)."""
         tracer = self.tracer
         if tracer is None or not trace.get_current_span().is_recording():
-            return await self._claim_untraced(command_id, fingerprint)
+            return await self._claim_untraced(command_id, fingerprint, target)
         span = tracer.start_span("dedup claim")  # not made current: it has no children
         try:
-            claim = await self._claim_untraced(command_id, fingerprint)
+            claim = await self._claim_untraced(command_id, fingerprint, target)
             span.set_attribute("conference_worker.dedup.outcome", type(claim).__name__.lower())
             return claim
         finally:
             span.end()
 
-    async def _claim_untraced(self, command_id: str, fingerprint: str) -> Claimed | Done | Conflict:
+    async def _claim_untraced(
+        self, command_id: str, fingerprint: str, target: str | None
+    ) -> Claimed | Done | Conflict:
         """Claim the command, waiting out an in-flight duplicate (never run in parallel)."""
         wait = _WAIT_FIRST_S
         while True:
-            outcome = await self._with_store(self.dedup.claim, command_id, fingerprint)
+            outcome = await self._with_store(
+                partial(self.dedup.claim, command_id, fingerprint, target=target)
+            )
             if not isinstance(outcome, InProgress):
                 return outcome
             await asyncio.sleep(wait)
             wait = min(wait * 2, _WAIT_MAX_S)
 
-    async def _remember(self, command: AnyCommand, claim: Claimed, outcome: Outcome) -> None:
+    async def _remember(
+        self, command: AnyCommand, claim: Claimed, outcome: Outcome, applied: Applied | None
+    ) -> None:
         """Keep what succeeded or the provider rejected; forget the rest (it may run again)."""
         code = (outcome.event.get("error") or {}).get("code", "")
         provider_rejected = outcome.status == "rejected" and code.startswith("provider_")
         if outcome.status == "succeeded" or provider_rejected:
+            result = codec.encode(outcome.event)
             await self._with_store(
-                self.dedup.complete, command.command_id, claim.token, codec.encode(outcome.event)
+                partial(
+                    self.dedup.complete, command.command_id, claim.token, result, applied=applied
+                )
             )
         else:
-            await self._with_store(self.dedup.release, command.command_id, claim.token)
+            await self._with_store(partial(self.dedup.release, command.command_id, claim.token))
 
-    async def _with_store(self, operation: Callable[..., Awaitable[T]], *args: Any) -> T:
+    async def _with_store(self, operation: Callable[[], Awaitable[T]]) -> T:
         """Run a dedup operation, holding the message while the store is unreachable."""
         while True:
             try:
-                return await operation(*args)
+                return await operation()
             except StoreUnavailable as exc:
                 log.warning("dedup store unavailable, holding the command: %s", exc)
             await asyncio.sleep(self.infra_retry_s)

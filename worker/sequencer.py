@@ -7,18 +7,16 @@ waiters first come, first served).
 
 The sequencer also remembers, per target, the ``issued_at`` of the newest command applied.  A
 command issued before it is *superseded*: applying it would overwrite a newer decision (say, a
-delayed retry of an old supervisor role arriving after a newer role was set).  With a store (the
-dedup store), that memory survives restarts and is shared by the workers that share the store.
+delayed retry of an old supervisor role arriving after a newer role was set).  The dedup store
+keeps the same memory across restarts and workers; the pipeline reads it with the claim and
+hands it to :meth:`Sequencer.is_stale`.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections import OrderedDict
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Protocol
 
 from worker.codec import AnyCommand
 from worker.messages import ConferenceUpdate
@@ -33,14 +31,6 @@ def target_of(command: AnyCommand) -> Target:
     return ("telnyx", command.conference_id, command.call_control_id)
 
 
-class AppliedStore(Protocol):
-    """Where the newest applied ``issued_at`` of each target is kept (the dedup store)."""
-
-    async def last_applied(self, target: str) -> float | None: ...
-
-    async def mark_applied(self, target: str, issued_at: float) -> None: ...
-
-
 def target_key(target: Target) -> str:
     """A target as one string (for the store)."""
     return "|".join(target)
@@ -53,35 +43,60 @@ class _Slot:
 
 
 @dataclass(slots=True)
+class _Turn:
+    """One caller's turn at a target (a plain class: cheaper than a generator-based one)."""
+
+    sequencer: Sequencer
+    target: Target
+    slot: _Slot
+
+    async def __aenter__(self) -> None:
+        try:
+            await self.slot.lock.acquire()
+        except BaseException:
+            self.sequencer._leave(self.target, self.slot)
+            raise
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.slot.lock.release()
+        self.sequencer._leave(self.target, self.slot)
+
+
+@dataclass(slots=True)
 class Sequencer:
     """Keyed FIFO locks plus the newest applied ``issued_at`` of each target (bounded LRU)."""
 
-    store: AppliedStore | None = None
     remember: int = 100_000
     _slots: dict[Target, _Slot] = field(default_factory=dict)
     _applied: OrderedDict[Target, float] = field(default_factory=OrderedDict)
 
-    @asynccontextmanager
-    async def turn(self, target: Target) -> AsyncIterator[None]:
-        """Hold ``target`` exclusively; callers get their turn in the order they asked."""
+    def turn(self, target: Target) -> _Turn:
+        """``async with`` it to hold ``target`` exclusively; turns come in the order asked."""
         slot = self._slots.get(target)
         if slot is None:
             slot = self._slots[target] = _Slot()
         slot.users += 1
-        try:
-            async with slot.lock:
-                yield
-        finally:
-            slot.users -= 1
-            if slot.users == 0:
-                del self._slots[target]
+        return _Turn(self, target, slot)
 
-    def is_stale(self, target: Target, issued_at: float | None) -> bool:
-        """True when a newer command for ``target`` has already been applied."""
+    def _leave(self, target: Target, slot: _Slot) -> None:
+        slot.users -= 1
+        if slot.users == 0:
+            del self._slots[target]
+
+    def is_stale(
+        self, target: Target, issued_at: float | None, stored: float | None = None
+    ) -> bool:
+        """True when a newer command for ``target`` has already been applied.
+
+        ``stored``: the newest applied ``issued_at`` the dedup store knows (other workers, or
+        before a restart).
+        """
         if issued_at is None:
             return False
         newest = self._applied.get(target)
-        return newest is not None and issued_at < newest
+        return (newest is not None and issued_at < newest) or (
+            stored is not None and issued_at < stored
+        )
 
     def applied(self, target: Target, issued_at: float | None) -> None:
         """Record that a command issued at ``issued_at`` was applied to ``target``."""
@@ -92,22 +107,3 @@ class Sequencer:
         self._applied.move_to_end(target)
         while len(self._applied) > self.remember:
             self._applied.popitem(last=False)
-
-    async def stale(self, target: Target, issued_at: float | None) -> bool:
-        """:meth:`is_stale`, also consulting the store (a newer command may predate a restart)."""
-        if issued_at is None:
-            return False
-        if self.is_stale(target, issued_at):
-            return True
-        if self.store is None:
-            return False
-        newest = await self.store.last_applied(target_key(target))
-        return newest is not None and issued_at < newest
-
-    async def record(self, target: Target, issued_at: float | None) -> None:
-        """:meth:`applied`, also in the store."""
-        if issued_at is None:
-            return
-        self.applied(target, issued_at)
-        if self.store is not None:
-            await self.store.mark_applied(target_key(target), issued_at)

@@ -21,8 +21,9 @@ from tests.unit.test_dedup import (
     Harness,
     race_in_processes,
 )
-from worker.dedup import Claimed, make_dedup_store
+from worker.dedup import Applied, Claimed, make_dedup_store
 from worker.dedup.redis import APPLIED_PREFIX, KEY_PREFIX, RedisDedupStore
+from worker.errors import StoreUnavailable
 from worker.settings import DedupConfig
 
 pytestmark = pytest.mark.integration
@@ -102,19 +103,61 @@ async def test_fingerprint_with_nul_is_refused(prefix: str) -> None:
     await store.close()
 
 
-async def test_pool_size_default_and_url_override() -> None:
-    """The pool holds 256 connections unless the URL says ?max_connections=N."""
-    default = redis_store()
-    custom = RedisDedupStore(DedupConfig(url=f"{REDIS_URL}?max_connections=7"))
-    assert (default.max_connections, custom.max_connections) == (256, 7)
-    await default.close()
-    await custom.close()
+async def test_calls_share_one_pipelined_connection(prefix: str, raw: Redis) -> None:
+    """500 concurrent claims go through one connection (batched), and all of them succeed."""
+    name = f"cw-test-{uuid.uuid4().hex[:12]}"
+    store = RedisDedupStore(DedupConfig(url=f"{REDIS_URL}?client_name={name}&max_connections=7"))
+    outcomes = await asyncio.gather(*(store.claim(f"{prefix}{i}", FP) for i in range(500)))
+    assert all(isinstance(outcome, Claimed) for outcome in outcomes)
+    clients = [c for c in await raw.client_list() if c.get("name") == name]
+    assert len(clients) == 1, clients
+    await store.close()
 
 
-async def test_small_pool_waits_instead_of_failing(prefix: str) -> None:
-    """With more concurrent calls than connections, calls wait for a connection."""
-    store = RedisDedupStore(DedupConfig(url=f"{REDIS_URL}?max_connections=2"))
-    outcomes = await asyncio.gather(*(store.claim(f"{prefix}{i}", FP) for i in range(50)))
+async def test_claim_reads_the_targets_newest_applied_with_it(prefix: str) -> None:
+    """A claim naming a target returns its newest applied issued_at in the same call."""
+    store = redis_store(retention_s=60.0)
+    target = f"{prefix}target"
+    first = await store.claim(f"{prefix}a", FP, target=target)
+    assert isinstance(first, Claimed)
+    assert first.last_applied is None
+    await store.complete(f"{prefix}a", first.token, RESULT, applied=Applied(target, 1000.25))
+    second = await store.claim(f"{prefix}b", FP, target=target)
+    assert isinstance(second, Claimed)
+    assert second.last_applied == 1000.25
+    await store.close()
+
+
+async def test_recovers_after_its_connection_is_killed(prefix: str, raw: Redis) -> None:
+    """When Redis drops the connection, the calls on it fail as StoreUnavailable, later calls
+    reconnect and succeed."""
+    name = f"cw-test-{uuid.uuid4().hex[:12]}"
+    store = RedisDedupStore(DedupConfig(url=f"{REDIS_URL}?client_name={name}"))
+    await store.ping()
+    for client in await raw.client_list():
+        if client.get("name") == name:
+            await raw.client_kill_filter(_id=client["id"])
+    failures = 0
+    for attempt in range(3):
+        try:
+            outcome = await store.claim(f"{prefix}{attempt}", FP)
+        except StoreUnavailable:
+            failures += 1
+            continue
+        assert isinstance(outcome, Claimed)
+        break
+    else:
+        pytest.fail("the store did not reconnect")
+    assert failures <= 1
+    await store.close()
+
+
+async def test_scripts_are_loaded_again_after_a_flush(prefix: str, raw: Redis) -> None:
+    """After SCRIPT FLUSH (or a Redis restart) the store loads its scripts again, unnoticed."""
+    store = redis_store()
+    await store.claim(f"{prefix}a", FP)
+    await raw.script_flush()
+    outcomes = await asyncio.gather(*(store.claim(f"{prefix}{i}", FP) for i in range(1, 20)))
     assert all(isinstance(outcome, Claimed) for outcome in outcomes)
     await store.close()
 

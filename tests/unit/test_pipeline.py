@@ -48,7 +48,11 @@ async def no_sleep(_: float, stopping: asyncio.Event) -> bool:
     return stopping.is_set()
 
 
-def make(vinix: FakeProvider | None = None, telnyx: FakeProvider | None = None) -> Pipeline:
+def make(
+    vinix: FakeProvider | None = None,
+    telnyx: FakeProvider | None = None,
+    dedup: MemoryDedupStore | None = None,
+) -> Pipeline:
     return Pipeline(
         providers={
             "vinix": vinix or FakeProvider("vinix"),
@@ -57,7 +61,7 @@ def make(vinix: FakeProvider | None = None, telnyx: FakeProvider | None = None) 
         gates={
             name: Gate(name, GateConfig(failure_threshold=1000)) for name in ("vinix", "telnyx")
         },
-        dedup=MemoryDedupStore(DedupConfig(url="memory://", lease_s=60)),
+        dedup=dedup or MemoryDedupStore(DedupConfig(url="memory://", lease_s=60)),
         retrier=Retrier(RetryPolicy(max_attempts=3), sleep=no_sleep),
         max_body_bytes=LIMIT,
     )
@@ -222,6 +226,19 @@ async def test_older_command_for_a_target_is_superseded() -> None:
         "superseded",
         True,
     )
+    assert telnyx.calls == 1
+
+
+async def test_staleness_is_shared_through_the_dedup_store() -> None:
+    """A worker that never saw the newer command (another process, or after a restart) still
+    finds it in the shared store, read with the claim: the older command is superseded."""
+    store = MemoryDedupStore(DedupConfig(url="memory://", lease_s=60))
+    telnyx = FakeProvider("telnyx")
+    first, second = make(telnyx=telnyx, dedup=store), make(telnyx=telnyx, dedup=store)
+    newer = await process(first, role(command_id="new", issued_at=at(10)))
+    older = await process(second, role(command_id="old", issued_at=at(5)))
+    assert newer.status == "succeeded"
+    assert (older.status, older.event["error"]["code"]) == ("rejected", "superseded")
     assert telnyx.calls == 1
 
 

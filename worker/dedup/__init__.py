@@ -13,9 +13,11 @@ The state machine every backend implements (CONTRACT.md, "Deduplication"):
 - ``complete`` and ``release`` act only while the caller's token holds a live claim: after the
   lease lapsed (whether or not someone else claimed since), or once done, they do nothing.
 
-Each store also remembers, per target, the ``issued_at`` of the newest command applied to it
-(:meth:`DedupStore.last_applied` / :meth:`DedupStore.mark_applied`), so that stale-command
-protection survives a restart and is shared by workers that share the store.
+Each store also remembers, per target, the ``issued_at`` of the newest command applied to it, so
+that stale-command protection survives a restart and is shared by workers that share the store.
+On the hot path that costs no call of its own: ``claim(..., target=...)`` reads it with the claim
+(:attr:`Claimed.last_applied`) and ``complete(..., applied=...)`` records it with the result;
+:meth:`DedupStore.last_applied` / :meth:`DedupStore.mark_applied` do either alone.
 
 Backends are chosen by URL in :func:`make_dedup_store`: ``memory://``, ``sqlite:///path``,
 ``redis://...``.
@@ -31,9 +33,22 @@ from worker.settings import DedupConfig
 
 @dataclass(frozen=True, slots=True)
 class Claimed:
-    """The caller now owns the command; ``token`` proves it to complete/release."""
+    """The caller now owns the command; ``token`` proves it to complete/release.
+
+    ``last_applied``: the newest applied ``issued_at`` of the target named in the claim (None
+    when no target was named or nothing is known of it).
+    """
 
     token: str
+    last_applied: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Applied:
+    """A command issued at ``issued_at`` (epoch seconds) was applied to ``target``."""
+
+    target: str
+    issued_at: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,12 +74,22 @@ ClaimOutcome = Claimed | Done | InProgress | Conflict
 class DedupStore(Protocol):
     """Where the worker remembers which commands it has carried out."""
 
-    async def claim(self, command_id: str, fingerprint: str) -> ClaimOutcome:
-        """Atomically claim ``command_id`` or report what is known of it."""
+    async def claim(
+        self, command_id: str, fingerprint: str, *, target: str | None = None
+    ) -> ClaimOutcome:
+        """Atomically claim ``command_id`` or report what is known of it.
+
+        With ``target``, a :class:`Claimed` also tells the target's newest applied ``issued_at``.
+        """
         ...
 
-    async def complete(self, command_id: str, token: str, result: bytes) -> None:
-        """Store the final result of a claimed command for the retention window."""
+    async def complete(
+        self, command_id: str, token: str, result: bytes, *, applied: Applied | None = None
+    ) -> None:
+        """Store the final result of a claimed command for the retention window.
+
+        With ``applied``, also record it as :meth:`mark_applied` does (even if the claim lapsed).
+        """
         ...
 
     async def release(self, command_id: str, token: str) -> None:
@@ -113,6 +138,7 @@ def make_dedup_store(config: DedupConfig) -> DedupStore:
 
 
 __all__ = [
+    "Applied",
     "ClaimOutcome",
     "Claimed",
     "Conflict",

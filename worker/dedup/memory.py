@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from worker.dedup import Claimed, ClaimOutcome, Conflict, Done, InProgress
+from worker.dedup import Applied, Claimed, ClaimOutcome, Conflict, Done, InProgress
 from worker.settings import DedupConfig
 
 PURGE_EVERY = 1024  # claims between two sweeps of expired entries
@@ -36,7 +36,9 @@ class MemoryDedupStore:
         self._applied: dict[str, tuple[float, float]] = {}  # target -> (issued_at, expires_at)
         self._claims = 0
 
-    async def claim(self, command_id: str, fingerprint: str) -> ClaimOutcome:
+    async def claim(
+        self, command_id: str, fingerprint: str, *, target: str | None = None
+    ) -> ClaimOutcome:
         """Claim ``command_id``, or report what is known of it (see :mod:`worker.dedup`)."""
         now = self._clock()
         self._maybe_purge(now)
@@ -44,15 +46,19 @@ class MemoryDedupStore:
         if entry is None or entry.expires_at <= now:
             token = secrets.token_hex(8)
             self._entries[command_id] = _Entry(fingerprint, token, None, now + self._lease_s)
-            return Claimed(token)
+            return Claimed(token, None if target is None else await self.last_applied(target))
         if entry.fingerprint != fingerprint:
             return Conflict()
         if entry.result is not None:
             return Done(entry.result)
         return InProgress()
 
-    async def complete(self, command_id: str, token: str, result: bytes) -> None:
-        """Record ``result`` if ``token`` still holds a live claim; otherwise do nothing."""
+    async def complete(
+        self, command_id: str, token: str, result: bytes, *, applied: Applied | None = None
+    ) -> None:
+        """Record ``result`` if ``token`` still holds a live claim; mark ``applied`` anyway."""
+        if applied is not None:
+            await self.mark_applied(applied.target, applied.issued_at)
         entry = self._owned(command_id, token)
         if entry is not None:
             entry.token = None

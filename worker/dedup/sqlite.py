@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from worker.dedup import Claimed, ClaimOutcome, Conflict, Done, InProgress
+from worker.dedup import Applied, Claimed, ClaimOutcome, Conflict, Done, InProgress
 from worker.errors import StoreUnavailable
 from worker.settings import DedupConfig
 
@@ -39,6 +39,7 @@ def _reach() -> Iterator[None]:
 PURGE_EVERY = 1024  # claims between two purges of expired rows
 PURGE_BATCH = 1000  # most rows deleted by one purge, to bound the time the loop is held
 BUSY_TIMEOUT_S = 5.0  # how long to wait for another process's write lock
+OPEN_RETRY_MAX_PAUSE_S = 0.05  # longest pause between two attempts to prepare the file
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS dedup (
@@ -104,16 +105,20 @@ class SqliteDedupStore:
         self._conn = _connect(sqlite_path(config.url))
         self._purge(clock())
 
-    async def claim(self, command_id: str, fingerprint: str) -> ClaimOutcome:
+    async def claim(
+        self, command_id: str, fingerprint: str, *, target: str | None = None
+    ) -> ClaimOutcome:
         """Claim ``command_id``, or report what is known of it (see :mod:`worker.dedup`)."""
         now = self._clock()
         self._claims += 1
         if self._claims % PURGE_EVERY == 0:
             self._purge(now)
         with _reach():
-            return self._claim(command_id, fingerprint, now)
+            return self._claim(command_id, fingerprint, target, now)
 
-    def _claim(self, command_id: str, fingerprint: str, now: float) -> ClaimOutcome:
+    def _claim(
+        self, command_id: str, fingerprint: str, target: str | None, now: float
+    ) -> ClaimOutcome:
         conn = self._conn
         conn.execute("BEGIN IMMEDIATE")
         try:
@@ -121,7 +126,11 @@ class SqliteDedupStore:
             if row is None or row[3] <= now:
                 token = secrets.token_hex(8)
                 conn.execute(_CLAIM, (command_id, fingerprint, token, now + self._lease_s))
-                outcome: ClaimOutcome = Claimed(token)
+                applied = None
+                if target is not None:
+                    known = conn.execute(_LAST_APPLIED, (target, now)).fetchone()
+                    applied = None if known is None else float(known[0])
+                outcome: ClaimOutcome = Claimed(token, applied)
             else:
                 outcome = _known(row[0], row[1], row[2], fingerprint)
             conn.execute("COMMIT")
@@ -130,8 +139,12 @@ class SqliteDedupStore:
             raise
         return outcome
 
-    async def complete(self, command_id: str, token: str, result: bytes) -> None:
-        """Record ``result`` if ``token`` still holds a live claim; otherwise do nothing."""
+    async def complete(
+        self, command_id: str, token: str, result: bytes, *, applied: Applied | None = None
+    ) -> None:
+        """Record ``result`` if ``token`` still holds a live claim; mark ``applied`` anyway."""
+        if applied is not None:
+            await self.mark_applied(applied.target, applied.issued_at)
         now = self._clock()
         with _reach():
             self._conn.execute(_COMPLETE, (result, now + self._retention_s, command_id, token, now))
@@ -187,10 +200,34 @@ def _connect(path: str) -> sqlite3.Connection:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
     conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
     try:
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=NORMAL")
-        conn.executescript(_SCHEMA)
+        _prepare(conn, deadline=time.monotonic() + BUSY_TIMEOUT_S)
     except BaseException:
         conn.close()
         raise
     return conn
+
+
+def _prepare(conn: sqlite3.Connection, *, deadline: float) -> None:
+    """Switch ``conn``'s file to WAL and create the schema, retrying while another process does.
+
+    The busy timeout does not cover the switch to WAL: while another connection writes the file
+    in rollback-journal mode (as a process that opened the new file a moment earlier does while
+    it switches it to WAL), ``PRAGMA journal_mode=WAL`` takes a shared lock and then needs a
+    write lock, and SQLite answers SQLITE_BUSY at once rather than wait (the busy handler is
+    skipped where waiting could deadlock).  Every step is idempotent, so on SQLITE_BUSY the
+    whole sequence is retried, with a growing pause, until ``deadline``.
+    """
+    pause_s = 0.001
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.executescript(_SCHEMA)
+        except sqlite3.OperationalError as exc:
+            left_s = deadline - time.monotonic()
+            if exc.sqlite_errorcode & 0xFF != sqlite3.SQLITE_BUSY or left_s <= 0:
+                raise
+            time.sleep(min(pause_s, left_s))
+            pause_s = min(pause_s * 2, OPEN_RETRY_MAX_PAUSE_S)
+        else:
+            return

@@ -1,0 +1,85 @@
+"""consumer.settle: the one place a delivery is finished, with the dedup record made meanwhile."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from aiormq.exceptions import ChannelInvalidStateError
+
+from worker.consumer import settle
+from worker.pipeline import Outcome
+
+
+class FakeMessage:
+    """Records how the delivery was settled."""
+
+    def __init__(self) -> None:
+        self.settled: list[str] = []
+
+    async def ack(self) -> None:
+        self.settled.append("ack")
+
+    async def nack(self, requeue: bool = True) -> None:
+        self.settled.append(f"nack requeue={requeue}")
+
+
+class FakePublisher:
+    """Publishes after ``delay_s``, or raises ``error``; logs the moment it finished."""
+
+    def __init__(self, log: list[str], delay_s: float = 0.0, error: Exception | None = None):
+        self.log, self.delay_s, self.error = log, delay_s, error
+
+    async def publish(self, outcome: Outcome, message: Any) -> None:
+        await asyncio.sleep(self.delay_s)
+        if self.error is not None:
+            raise self.error
+        self.log.append("published")
+
+
+def outcome(remember: Any) -> Outcome:
+    event = {"command_id": "c-1", "type": "conference.supervisor_role", "status": "succeeded"}
+    return Outcome(event, "conference.supervisor_role.succeeded", False, remember=remember)
+
+
+async def test_the_record_is_made_while_publishing_and_the_ack_waits_for_both() -> None:
+    """The dedup record starts before the publish ends, and the ack comes after both."""
+    log: list[str] = []
+
+    async def remember() -> None:
+        log.append("remember started")
+        await asyncio.sleep(0.05)
+        log.append("remembered")
+
+    message = FakeMessage()
+    publisher: Any = FakePublisher(log, delay_s=0.01)
+    assert await settle(message, outcome(remember), publisher)  # type: ignore[arg-type]
+    assert log == ["remember started", "published", "remembered"]
+    assert message.settled == ["ack"]
+
+
+async def test_a_failed_record_returns_the_delivery_to_the_queue() -> None:
+    """When the dedup record raises, the delivery is not acked but returned to the queue."""
+
+    async def remember() -> None:
+        raise RuntimeError("boom")
+
+    message = FakeMessage()
+    publisher: Any = FakePublisher([])
+    assert not await settle(message, outcome(remember), publisher)  # type: ignore[arg-type]
+    assert message.settled == ["nack requeue=True"]
+
+
+async def test_a_failed_publish_still_waits_for_the_record_then_requeues() -> None:
+    """A publish lost with the channel: the record is still finished, the delivery requeued."""
+    done: list[str] = []
+
+    async def remember() -> None:
+        await asyncio.sleep(0.02)
+        done.append("remembered")
+
+    message = FakeMessage()
+    publisher: Any = FakePublisher([], error=ChannelInvalidStateError("closed"))
+    assert not await settle(message, outcome(remember), publisher)  # type: ignore[arg-type]
+    assert done == ["remembered"]
+    assert message.settled == ["nack requeue=True"]
