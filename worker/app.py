@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 import time
@@ -118,6 +119,7 @@ class Service:
             telemetry,
             exchange=self.settings.commands_exchange,
             queue=self.settings.commands_queue,
+            log_successes=self.settings.log_successes,
         )
         await self._start_providers(observer)
         dedup = await self._open_store()
@@ -182,7 +184,7 @@ class Service:
                 else None
             ),
             tracer=observer.tracer,
-            sequencer=Sequencer(store=dedup),
+            sequencer=Sequencer(),
             keeper=self._keeper(dedup),
         )
         consumer = Consumer(declared.commands, pipeline, publisher, observer)
@@ -255,6 +257,9 @@ def _url_secrets(url: str) -> list[str]:
 
 async def run(settings: Settings, grace_s: float = 30.0) -> None:
     """Run until SIGTERM or SIGINT, then shut down gracefully (also while still starting)."""
+    # What the imports made lives as long as the process: keep it out of the collector's full
+    # passes, which otherwise stall the event loop ~30 ms each (ops/bench/RESULTS.md).
+    gc.freeze()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):

@@ -10,6 +10,7 @@ integer and ``"true"`` to a boolean before it gives up.  ``null`` is accepted ev
 
 from __future__ import annotations
 
+from functools import cached_property
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -168,7 +169,16 @@ class ConferenceDocument(BaseModel):
         return self
 
     def to_wire(self) -> dict[str, Any]:
-        """The document as it goes to Vinix: only what the publisher set, in Kazoo's spelling."""
+        """The document as it goes to Vinix: only what the publisher set, in Kazoo's spelling.
+
+        Made once (the model is frozen) and shared by the validation, the fingerprint and the
+        request body: callers must not change it.
+        """
+        return self.wire
+
+    @cached_property
+    def wire(self) -> dict[str, Any]:
+        """:meth:`to_wire`, cached in the instance (no field: ignored by dumps and ``==``)."""
         return self.model_dump(mode="json", by_alias=True, exclude_unset=True)
 
 

@@ -9,7 +9,8 @@ is settled (span attributes, counters, the outcome log line) and :meth:`Observer
 Cost control, since this runs for every command: with tracing off no span is made at all; with a
 command that is not sampled only the command span's context exists (no attributes are built, no
 child span is made, the context still travels on in ``traceparent``); counters are cached
-children; the log line is one dict passed to ``logging`` once.
+children; the log line is one dict passed to ``logging`` once, and a success's line is DEBUG
+unless ``log_successes`` (``CW_LOG_SUCCESSES``).
 """
 
 from __future__ import annotations
@@ -92,8 +93,16 @@ class Watch:
 class Observer:
     """Spans, metrics and outcome log lines of the commands and provider requests."""
 
-    def __init__(self, telemetry: Telemetry, *, exchange: str = "", queue: str = "") -> None:
+    def __init__(
+        self,
+        telemetry: Telemetry,
+        *,
+        exchange: str = "",
+        queue: str = "",
+        log_successes: bool = False,
+    ) -> None:
         self.tracer = telemetry.tracer
+        self._success_level = logging.INFO if log_successes else logging.DEBUG
         self.metrics: Metrics = telemetry.metrics
         self._exchange = exchange
         self._queue = queue
@@ -169,14 +178,15 @@ class Observer:
         span = watch.span
         if span is not None and span.is_recording():
             _describe(span, outcome, fields)
-        if settled and log.isEnabledFor(logging.INFO):
+        level = self._success_level if outcome.status == "succeeded" else logging.INFO
+        if settled and log.isEnabledFor(level):
             if deferred:
                 fields["delay_s"] = round(outcome.defer_s or 0.0, 3)
                 name = "command.deferred"
             else:
                 duplicate = event.get("duplicate", False)
                 name = "command.duplicate" if duplicate else _EVENTS.get(outcome.status, "command")
-            log.info(name, extra=fields)
+            log.log(level, name, extra=fields)
 
     def _count(
         self,

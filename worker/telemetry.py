@@ -9,7 +9,10 @@
 - ``OTEL_EXPORTER_OTLP_PROTOCOL`` (or ``..._TRACES_PROTOCOL``): ``http/protobuf`` (default) or
   ``grpc``.  Headers, timeouts, certificates and compression are read by the exporter itself
   from the usual ``OTEL_EXPORTER_OTLP_*`` variables; spans leave through a
-  ``BatchSpanProcessor`` (``OTEL_BSP_*``).
+  ``BatchSpanProcessor`` (``OTEL_BSP_*``).  ``OTEL_BSP_MAX_EXPORT_BATCH_SIZE`` defaults to
+  :data:`DEFAULT_EXPORT_BATCH` here (the SDK's is 512): the export thread encodes a batch holding
+  the GIL, and 512 spans at once stalled the event loop for tens of milliseconds
+  (ops/bench/RESULTS.md); smaller batches spread the same work out.
 - ``OTEL_TRACES_SAMPLER`` (default ``parentbased_traceidratio``) and ``OTEL_TRACES_SAMPLER_ARG``
   (default :data:`DEFAULT_RATIO`): a publisher's sampling decision is followed; commands that
   arrive without one are sampled at the ratio.
@@ -52,6 +55,7 @@ from worker.metrics import Metrics
 log = logging.getLogger("worker.telemetry")
 
 DEFAULT_RATIO = 0.1
+DEFAULT_EXPORT_BATCH = 64
 DEFAULT_SAMPLER = "parentbased_traceidratio"
 SERVICE_NAME = "conference-worker"
 INSTRUMENTATION = "conference_worker"
@@ -79,6 +83,7 @@ class TracingConfig:
     sampler: str = DEFAULT_SAMPLER
     ratio: float = DEFAULT_RATIO
     service_name: str = SERVICE_NAME
+    export_batch: int | None = DEFAULT_EXPORT_BATCH  # None: the SDK reads OTEL_BSP_* itself
 
     @property
     def enabled(self) -> bool:
@@ -110,6 +115,7 @@ def tracing_config(environ: Mapping[str, str]) -> TracingConfig:
         sampler=sampler,
         ratio=_ratio(environ.get("OTEL_TRACES_SAMPLER_ARG", "")),
         service_name=service,
+        export_batch=None if "OTEL_BSP_MAX_EXPORT_BATCH_SIZE" in environ else DEFAULT_EXPORT_BATCH,
     )
 
 
@@ -216,7 +222,9 @@ class Telemetry:
             sampler=make_sampler(config), resource=_resource(config.service_name, instance)
         )
         for exporter in make_exporters(config):
-            provider.add_span_processor(BatchSpanProcessor(exporter))
+            provider.add_span_processor(
+                BatchSpanProcessor(exporter, max_export_batch_size=config.export_batch)
+            )
         log.info(
             "tracing: %s, sampler %s (ratio %g)",
             ",".join(sorted(config.exporters)),

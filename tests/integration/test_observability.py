@@ -217,10 +217,11 @@ async def test_asyncapi_document_is_served(worker_factory: WorkerFactory) -> Non
 async def test_outcome_log_lines_are_json_with_stable_fields(
     prefix: str, sandbox: Sandbox, broker: Broker, processes: Processes
 ) -> None:
-    """A worker process writes one JSON line per outcome with the stable event names and fields
-    (and every other line is JSON too); no secret appears on stderr."""
+    """A worker process with CW_LOG_SUCCESSES on writes one JSON line per outcome with the
+    stable event names and fields (and every other line is JSON too); no secret appears on
+    stderr."""
     fx = sandbox.fixtures
-    env = worker_env(prefix, sandbox, log_level="INFO")
+    env = worker_env(prefix, sandbox, log_level="INFO", log_successes=True)
     proc = subprocess.Popen(
         [sys.executable, "-m", "worker", "run", "--grace-s", "5"],
         env=env,

@@ -84,6 +84,15 @@ def test_an_endpoint_selects_otlp_over_http() -> None:
     assert isinstance(exporter, HttpExporter)
 
 
+def test_export_batches_are_small_unless_configured() -> None:
+    """Spans are exported 64 at a time (short GIL holds) unless OTEL_BSP_MAX_EXPORT_BATCH_SIZE
+    is set, which the SDK then reads itself."""
+    endpoint = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318"}
+    assert tracing_config(endpoint).export_batch == 64
+    configured = {**endpoint, "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "512"}
+    assert tracing_config(configured).export_batch is None
+
+
 def test_grpc_keeps_the_endpoint_and_traces_endpoint_wins() -> None:
     """grpc uses the endpoint as given; OTEL_EXPORTER_OTLP_TRACES_ENDPOINT is used verbatim."""
     grpc = tracing_config(
@@ -251,8 +260,9 @@ async def test_tracing_off_passes_the_publisher_context_through() -> None:
 
 
 async def test_outcomes_are_counted_and_logged(caplog: pytest.LogCaptureFixture) -> None:
-    """Each settled outcome counts by type/status, and logs one line with the stable fields."""
-    observer = Observer(Telemetry.disabled())
+    """Each settled outcome counts by type/status, and (successes logged too) logs one line
+    with the stable fields."""
+    observer = Observer(Telemetry.disabled(), log_successes=True)
     caplog.set_level(logging.INFO, logger="worker.commands")
     await run_command(observer, message({"traceparent": SAMPLED}))
     await run_command(observer, message(body=role(supervisor_role="shout")))
@@ -270,6 +280,16 @@ async def test_outcomes_are_counted_and_logged(caplog: pytest.LogCaptureFixture)
     for record in lines:
         assert all(hasattr(record, name) for name in fields)
     assert (lines[0].trace_id, lines[1].error_code) == (TRACE_ID, "invalid_command")  # type: ignore[attr-defined]
+
+
+async def test_successes_are_logged_at_debug_by_default(caplog: pytest.LogCaptureFixture) -> None:
+    """By default a success is a DEBUG line and anything else an INFO line."""
+    observer = Observer(Telemetry.disabled())
+    caplog.set_level(logging.DEBUG, logger="worker.commands")
+    await run_command(observer, message({"traceparent": SAMPLED}))
+    await run_command(observer, message(body=role(supervisor_role="shout")))
+    lines = [(r.getMessage(), r.levelno) for r in caplog.records if r.name == "worker.commands"]
+    assert lines == [("command.succeeded", logging.DEBUG), ("command.rejected", logging.INFO)]
 
 
 def test_retries_are_counted_from_calls_and_deferrals() -> None:

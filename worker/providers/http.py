@@ -20,6 +20,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
+from functools import lru_cache
 from typing import Any, Literal, Protocol
 from urllib.parse import quote
 
@@ -93,6 +94,7 @@ def provider_error(
     return ProviderRejected(code, message, details=details, provider=answer)
 
 
+@lru_cache(maxsize=4096)  # targets repeat; a URL is immutable and cheap to keep
 def endpoint(base_url: str, *segments: str) -> URL:
     """``base_url`` + ``/``-joined, fully percent-encoded segments; ids cannot alter the path."""
     for segment in segments:
