@@ -34,8 +34,9 @@ import aiohttp
 import orjson
 import redis.asyncio as aioredis
 
+from .options import parse
+from .otlp_sink import OtlpSink
 from .procs import (
-    ROOT,
     SCENARIOS,
     BenchError,
     console,
@@ -70,10 +71,13 @@ async def run(args: argparse.Namespace) -> int:
     )
     redis = aioredis.Redis.from_url(args.dedup_url)
     http = aiohttp.ClientSession()
+    sink = OtlpSink() if args.tracing else None
     ok = False
     profiles: dict[str, str] = {}
     try:
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        if sink is not None:
+            await sink.start()
         ctx = Ctx(
             args=args,
             run_id=run_id,
@@ -86,46 +90,29 @@ async def run(args: argparse.Namespace) -> int:
             beam=server_pids(args.amqp_url, 5672, "beam.smp"),
             redis_server=server_pids(args.dedup_url, 6379, "redis-server"),
             profiles=profiles,
+            sink=sink,
         )
         info = await redis.info("server")
-        results: dict[str, Any] = {
-            "run_id": run_id,
-            "started_at": datetime.now(UTC).isoformat(),
-            "command": " ".join(["python -m ops.bench.bench", *sys.argv[1:]]),
-            "machine": machine_facts(connection, str(info.get("redis_version", "?"))),
-            "settings": {
-                k: v for k, v in vars(args).items() if k not in ("out",) and not callable(v)
-            },
-            "tracing": {
-                "otel_env": {k: v for k, v in os.environ.items() if k.startswith("OTEL_")},
-                "worker_env": extra_worker_env(args),
-                "note": "the worker has no tracing yet; OTEL_* and --worker-env are passed through",
-            },
-            "scenarios": {},
-        }
+        results = header(args, run_id, machine_facts(connection, str(info.get("redis_version"))))
         console.print(
             f"[bold]{run_id}[/] · scenarios {', '.join(scenarios)} · {args.commands} commands · "
             f"{results['machine']['nproc']} cores · load {os.getloadavg()[0]:.2f}"
         )
         await run_scenarios(ctx, scenarios, results)
+        if sink is not None:
+            results["tracing"].update(spans_exported=sink.spans, exports=sink.exports)
         results["duration_s"] = round(time.perf_counter() - began, 1)
         results["machine"]["loadavg_at_end"] = os.getloadavg()
         results["summary"] = summarize(results)
         results["noise_warnings"] = noise_warnings(results)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_bytes(orjson.dumps(results, option=orjson.OPT_INDENT_2) + b"\n")  # noqa: ASYNC240
-        for table in tables(results):
-            console.print(table)
-        for warning in results["noise_warnings"]:
-            console.print(f"[yellow]{warning}")
-        if args.markdown:
-            Path(args.markdown).write_text(markdown(results), encoding="utf-8")  # noqa: ASYNC240
-        console.print(f"wrote {out} · {results['duration_s']} s")
+        write(results, out, args.markdown)
         ok = True
         failed = [k for k, a in results["summary"]["acceptance"].items() if not a["pass"]]
         return 1 if failed and args.strict else 0
     finally:
         stop_all()
+        if sink is not None:
+            await sink.stop()
         await http.close()
         await redis.aclose()
         await connection.close()
@@ -133,6 +120,42 @@ async def run(args: argparse.Namespace) -> int:
             shutil.rmtree(logs, ignore_errors=True)
         else:
             console.print(f"logs kept in {logs}")
+
+
+def header(args: argparse.Namespace, run_id: str, machine: dict[str, Any]) -> dict[str, Any]:
+    """The run's description, before any scenario."""
+    return {
+        "run_id": run_id,
+        "started_at": datetime.now(UTC).isoformat(),
+        "command": " ".join(["python -m ops.bench.bench", *sys.argv[1:]]),
+        "machine": machine,
+        "settings": {k: v for k, v in vars(args).items() if k not in ("out",) and not callable(v)},
+        "tracing": {
+            "on": args.tracing,
+            "otel_env": {k: v for k, v in os.environ.items() if k.startswith("OTEL_")},
+            "worker_env": extra_worker_env(args),
+            "note": (
+                "the worker exports spans over OTLP/HTTP to a sink in the runner, default "
+                "sampler (parent-based, ratio 0.1); OTEL_* set here win"
+                if args.tracing
+                else "off (--no-tracing)"
+            ),
+        },
+        "scenarios": {},
+    }
+
+
+def write(results: dict[str, Any], out: Path, markdown_path: str | None) -> None:
+    """The JSON file, the tables and warnings on the console, and the Markdown if asked."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(orjson.dumps(results, option=orjson.OPT_INDENT_2) + b"\n")
+    for table in tables(results):
+        console.print(table)
+    for warning in results["noise_warnings"]:
+        console.print(f"[yellow]{warning}")
+    if markdown_path:
+        Path(markdown_path).write_text(markdown(results), encoding="utf-8")
+    console.print(f"wrote {out} · {results['duration_s']} s")
 
 
 async def run_scenarios(ctx: Ctx, scenarios: list[str], results: dict[str, Any]) -> None:
@@ -257,122 +280,6 @@ async def cleanup(args: argparse.Namespace) -> int:
         f"{len(keys)} dedup key(s) of earlier benchmark runs"
     )
     return 0
-
-
-def parse(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="python -m ops.bench.bench",
-        description="Benchmark the worker against the bare floor (see ops/bench/README.md).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    p.add_argument(
-        "--commands",
-        type=int,
-        default=None,
-        help="measured commands per drain (default 5000, --quick 2000)",
-    )
-    p.add_argument(
-        "--warmup",
-        type=int,
-        default=None,
-        help="commands before the measured window (default 10%%, at least 300)",
-    )
-    p.add_argument(
-        "--quick", action="store_true", help="a smoke run: 2000 commands, 5 s of paced load"
-    )
-    p.add_argument(
-        "--scenarios",
-        default=",".join(SCENARIOS),
-        help="comma-separated subset of " + ",".join(SCENARIOS),
-    )
-    p.add_argument("--out", default=str(ROOT / "ops" / "bench" / "results" / "latest.json"))
-    p.add_argument(
-        "--max-window-s",
-        type=float,
-        default=20.0,
-        help="cap on a drain's measured window (a busy machine still finishes in time)",
-    )
-    p.add_argument(
-        "--repeat", type=int, default=1, help="floor/worker drain pairs (the median is judged)"
-    )
-    p.add_argument(
-        "--prefetch", type=int, default=256, help="CW_PREFETCH (and the floor's prefetch)"
-    )
-    p.add_argument("--pool-size", type=int, default=256, help="CW_HTTP_POOL_SIZE (and the floor's)")
-    p.add_argument("--conferences", type=int, default=1000, help="sandbox --conferences")
-    p.add_argument("--latency-ms", type=float, default=100.0, help="sandbox latency of latency100")
-    p.add_argument("--prefetch-latency", type=int, default=400, help="CW_PREFETCH in latency100")
-    p.add_argument(
-        "--rate", type=float, default=None, help="max rate for p99 when drain is not run"
-    )
-    p.add_argument(
-        "--p99-seconds",
-        type=float,
-        default=None,
-        help="paced load duration (default 10, --quick 5)",
-    )
-    p.add_argument(
-        "--p99-warmup-s",
-        type=float,
-        default=2.0,
-        help="paced load before the measured seconds (not counted)",
-    )
-    p.add_argument(
-        "--p99-floor",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="also measure the floor's latency at the same offered rate (the harness's own floor)",
-    )
-    p.add_argument("--rss-commands", type=int, default=2500)
-    p.add_argument("--rss-prefetch", type=int, default=2000)
-    p.add_argument(
-        "--rss-pool-size", type=int, default=1024, help="per provider, so ~all are at the provider"
-    )
-    p.add_argument("--rss-latency-ms", type=float, default=2000.0)
-    p.add_argument("--amqp-url", default="amqp://guest:guest@127.0.0.1:5672/")
-    p.add_argument("--dedup-url", default="redis://127.0.0.1:6379/0", help="CW_DEDUP_URL")
-    p.add_argument(
-        "--worker-env",
-        action="append",
-        default=[],
-        metavar="NAME=VALUE",
-        help="extra env for the worker (repeatable), e.g. tracing settings",
-    )
-    p.add_argument(
-        "--profile",
-        action="store_true",
-        help="py-spy record the consumers during the measured windows",
-    )
-    p.add_argument("--profile-format", choices=("raw", "flamegraph", "speedscope"), default="raw")
-    p.add_argument(
-        "--profile-nonblocking",
-        action="store_true",
-        help="py-spy --nonblocking: no pauses, but inclusive shares suffer from torn stacks",
-    )
-    p.add_argument("--profile-rate", type=int, default=100, help="py-spy samples/s")
-    p.add_argument(
-        "--keep-logs", action="store_true", help="keep the processes' logs (kept anyway on failure)"
-    )
-    p.add_argument("--markdown", default=None, help="also write the run as Markdown to this file")
-    p.add_argument(
-        "--cleanup",
-        action="store_true",
-        help="only delete what killed runs left (bench-<id>-* queues, exchanges, dedup keys)",
-    )
-    p.add_argument(
-        "--strict", action="store_true", help="exit 1 when an acceptance threshold fails"
-    )
-    args = p.parse_args(argv)
-    if args.commands is None:
-        args.commands = 2000 if args.quick else 5000
-    if args.warmup is None:
-        args.warmup = max(300, args.commands // 10)
-    if args.p99_seconds is None:
-        args.p99_seconds = 5.0 if args.quick else 10.0
-    for item in args.worker_env:
-        if "=" not in item:
-            p.error(f"--worker-env {item!r}: expected NAME=VALUE")
-    return args
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -111,13 +111,13 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
             "floor_throughput_cmd_s": f_thr,
             "runs": len(drain_runs),
         }
-        tracing = bool(results["tracing"]["otel_env"]) or bool(results["tracing"]["worker_env"])
+        tracing = results["tracing"].get("on") or bool(results["tracing"]["otel_env"])
         acceptance["1a_cpu_per_cmd_vs_floor"] = {
             "measured": ratios["cpu_us_per_cmd_worker_over_floor"],
             "threshold": f"<= {MAX_CPU_RATIO}",
             "pass": ratios["cpu_us_per_cmd_worker_over_floor"] <= MAX_CPU_RATIO,
             "note": "Redis dedup on; tracing "
-            + ("env given (see tracing)" if tracing else "off (no OTEL_*/extra env given)"),
+            + ("on (see tracing)" if tracing else "off (--no-tracing, no OTEL_* given)"),
         }
         acceptance["1b_throughput_vs_floor"] = {
             "measured": ratios["throughput_worker_over_floor"],

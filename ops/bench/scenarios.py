@@ -82,6 +82,8 @@ async def drain(ctx: Ctx, spec: DrainSpec) -> dict[str, Any]:
         f"[bold]{spec.name}[/]: {spec.kind}, {total} commands ({spec.warmup} warm-up), "
         f"prefetch {spec.prefetch}, sandbox latency {spec.sandbox.latency_ms:g} ms"
     )
+    if ctx.sink is not None:
+        ctx.sink.mark(spec.name)
     async with stage(ctx, spec.name, spec.sandbox) as st:
         publisher = await CommandPublisher.open(ctx.channel, st.topology.commands_exchange)
         preload_rate = await preload(publisher, st.factory.make_many(0, total))
@@ -91,6 +93,8 @@ async def drain(ctx: Ctx, spec: DrainSpec) -> dict[str, Any]:
         window = await _consume(ctx, spec, st, total)
     result = _drain_metrics(spec, window)
     result["preload_msg_s"] = round(preload_rate)
+    if ctx.sink is not None and spec.kind == "worker":
+        result["spans_exported"] = ctx.sink.since(spec.name)
     if spec.name in ctx.profiles:
         result["profile"] = profile_result(ctx, spec.name)
     _check_statuses(spec.name, window.statuses)

@@ -32,6 +32,8 @@ from worker import topology
 from worker.sandbox import Sandbox
 from worker.settings import Settings
 
+from .env import worker_env
+
 AMQP_URL = os.environ.get("CW_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 REDIS_URL = os.environ.get("CW_DEDUP_URL", "redis://127.0.0.1:6379/0")
 
@@ -41,29 +43,6 @@ def rss_mb(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return 0.0
-
-
-def worker_env(settings: Settings, sandbox: Sandbox) -> dict[str, str]:
-    fx = sandbox.fixtures
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CW_")}
-    env.update(
-        {
-            "CW_AMQP_URL": AMQP_URL,
-            "CW_DEDUP_URL": REDIS_URL,
-            "CW_HTTP_PORT": "0",
-            "CW_COMMANDS_EXCHANGE": settings.commands_exchange,
-            "CW_COMMANDS_QUEUE": settings.commands_queue,
-            "CW_RESULTS_EXCHANGE": settings.results_exchange,
-            "CW_DEAD_EXCHANGE": settings.dead_exchange,
-            "CW_DEAD_QUEUE": settings.dead_queue,
-            "CW_VINIX_BASE_URL": sandbox.base_url,
-            "CW_VINIX_API_KEY": fx["vinix"]["api_key"],
-            "CW_TELNYX_BASE_URL": sandbox.base_url,
-            "CW_TELNYX_API_KEY": fx["telnyx"]["api_key"],
-            "CW_LOG_LEVEL": "WARNING",
-        }
-    )
-    return env
 
 
 def command(fx: dict[str, Any], run: str, n: int) -> dict[str, Any]:
@@ -89,6 +68,9 @@ def command(fx: dict[str, Any], run: str, n: int) -> dict[str, Any]:
 
 
 async def inject_faults(sandbox: Sandbox, fault_rate: float) -> None:
+    """Random 503s, 429s and 50 ms delays at ``fault_rate`` (none at 0)."""
+    if fault_rate <= 0:
+        return
     root = sandbox.base_url.removesuffix("/v2")
     faults = [
         {"status": 503, "probability": fault_rate, "seed": 1},
@@ -168,7 +150,7 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
             worker = await asyncio.to_thread(
                 subprocess.Popen,
                 [sys.executable, "-m", "worker", "run"],
-                env=worker_env(settings, sandbox),
+                env=worker_env(settings, sandbox, amqp_url=AMQP_URL, dedup_url=REDIS_URL),
             )
             try:
                 return await _measure(
@@ -201,10 +183,18 @@ async def _measure(
     stop = asyncio.Event()
     collector = asyncio.create_task(collect(results, events, stop))
     samples: list[float] = []
+    started = time.monotonic()
 
     async def sample() -> None:
         while True:
             samples.append(rss_mb(worker.pid))
+            if len(samples) % 6 == 0:  # a progress line a minute
+                print(
+                    f"soak: {time.monotonic() - started:.0f} of {args.duration_s:.0f} s, "
+                    f"{len(events)} commands answered, worker RSS {samples[-1]:.1f} MB",
+                    file=sys.stderr,
+                    flush=True,
+                )
             await asyncio.sleep(10)
 
     sampler = asyncio.create_task(sample())
@@ -243,7 +233,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fault-rate", type=float, default=0.1)
     parser.add_argument("--out", type=Path, default=Path("ops/bench/results/soak.json"))
     args = parser.parse_args(argv)
-    report = asyncio.run(soak(args))
+    try:
+        report = asyncio.run(soak(args))
+    except KeyboardInterrupt:
+        print("soak: interrupted; the worker was stopped and the topology deleted", file=sys.stderr)
+        return 130
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2))
     print(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode())

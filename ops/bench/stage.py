@@ -28,6 +28,7 @@ from .load import (
     ResultCollector,
     SandboxFixtures,
 )
+from .otlp_sink import OtlpSink
 from .procs import (
     ROOT,
     BenchError,
@@ -68,6 +69,7 @@ class Ctx:
     beam: list[int]
     redis_server: list[int]
     profiles: dict[str, str] = field(default_factory=dict)
+    sink: OtlpSink | None = None  # tracing on: the worker exports its spans here
 
     def roles(self, consumer: Child, sandbox: SandboxProc) -> dict[str, list[int]]:
         return {
@@ -153,6 +155,10 @@ def worker_env(
             "CW_HTTP_PORT": "0",
         }
     )
+    if ctx.sink is not None and not any(name.startswith("OTEL_TRACES") for name in os.environ):
+        env["OTEL_TRACES_EXPORTER"] = "otlp"  # the default sampler: parent-based, ratio 0.1
+        env["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"] = ctx.sink.endpoint
+        env["OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"] = "http/protobuf"
     env.update(extra_worker_env(ctx.args))
     return env
 

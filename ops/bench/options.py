@@ -1,0 +1,135 @@
+"""The benchmark's command line (``python -m ops.bench.bench --help``)."""
+
+from __future__ import annotations
+
+import argparse
+
+from .procs import ROOT, SCENARIOS
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m ops.bench.bench",
+        description="Benchmark the worker against the bare floor (see ops/bench/README.md).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "--commands",
+        type=int,
+        default=None,
+        help="measured commands per drain (default 5000, --quick 2000)",
+    )
+    p.add_argument(
+        "--warmup",
+        type=int,
+        default=None,
+        help="commands before the measured window (default 10%%, at least 300)",
+    )
+    p.add_argument(
+        "--quick", action="store_true", help="a smoke run: 2000 commands, 5 s of paced load"
+    )
+    p.add_argument(
+        "--scenarios",
+        default=",".join(SCENARIOS),
+        help="comma-separated subset of " + ",".join(SCENARIOS),
+    )
+    p.add_argument("--out", default=str(ROOT / "ops" / "bench" / "results" / "latest.json"))
+    p.add_argument(
+        "--max-window-s",
+        type=float,
+        default=20.0,
+        help="cap on a drain's measured window (a busy machine still finishes in time)",
+    )
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=None,
+        help="floor/worker drain pairs, the medians judged (default 3: one pair swings ±10 %% "
+        "on a shared box; --quick 1)",
+    )
+    p.add_argument(
+        "--prefetch", type=int, default=256, help="CW_PREFETCH (and the floor's prefetch)"
+    )
+    p.add_argument("--pool-size", type=int, default=256, help="CW_HTTP_POOL_SIZE (and the floor's)")
+    p.add_argument("--conferences", type=int, default=1000, help="sandbox --conferences")
+    p.add_argument("--latency-ms", type=float, default=100.0, help="sandbox latency of latency100")
+    p.add_argument("--prefetch-latency", type=int, default=400, help="CW_PREFETCH in latency100")
+    p.add_argument(
+        "--rate", type=float, default=None, help="max rate for p99 when drain is not run"
+    )
+    p.add_argument(
+        "--p99-seconds",
+        type=float,
+        default=None,
+        help="paced load duration (default 10, --quick 5)",
+    )
+    p.add_argument(
+        "--p99-warmup-s",
+        type=float,
+        default=2.0,
+        help="paced load before the measured seconds (not counted)",
+    )
+    p.add_argument(
+        "--p99-floor",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also measure the floor's latency at the same offered rate (the harness's own floor)",
+    )
+    p.add_argument("--rss-commands", type=int, default=2500)
+    p.add_argument("--rss-prefetch", type=int, default=2000)
+    p.add_argument(
+        "--rss-pool-size", type=int, default=1024, help="per provider, so ~all are at the provider"
+    )
+    p.add_argument("--rss-latency-ms", type=float, default=2000.0)
+    p.add_argument("--amqp-url", default="amqp://guest:guest@127.0.0.1:5672/")
+    p.add_argument("--dedup-url", default="redis://127.0.0.1:6379/0", help="CW_DEDUP_URL")
+    p.add_argument(
+        "--tracing",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the worker exports spans (OTLP/HTTP, default sampling) to a sink in the runner",
+    )
+    p.add_argument(
+        "--worker-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="extra env for the worker (repeatable), e.g. tracing settings",
+    )
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="py-spy record the consumers during the measured windows",
+    )
+    p.add_argument("--profile-format", choices=("raw", "flamegraph", "speedscope"), default="raw")
+    p.add_argument(
+        "--profile-nonblocking",
+        action="store_true",
+        help="py-spy --nonblocking: no pauses, but inclusive shares suffer from torn stacks",
+    )
+    p.add_argument("--profile-rate", type=int, default=100, help="py-spy samples/s")
+    p.add_argument(
+        "--keep-logs", action="store_true", help="keep the processes' logs (kept anyway on failure)"
+    )
+    p.add_argument("--markdown", default=None, help="also write the run as Markdown to this file")
+    p.add_argument(
+        "--cleanup",
+        action="store_true",
+        help="only delete what killed runs left (bench-<id>-* queues, exchanges, dedup keys)",
+    )
+    p.add_argument(
+        "--strict", action="store_true", help="exit 1 when an acceptance threshold fails"
+    )
+    args = p.parse_args(argv)
+    if args.commands is None:
+        args.commands = 2000 if args.quick else 5000
+    if args.repeat is None:
+        args.repeat = 1 if args.quick else 3
+    if args.warmup is None:
+        args.warmup = max(300, args.commands // 10)
+    if args.p99_seconds is None:
+        args.p99_seconds = 5.0 if args.quick else 10.0
+    for item in args.worker_env:
+        if "=" not in item:
+            p.error(f"--worker-env {item!r}: expected NAME=VALUE")
+    return args
