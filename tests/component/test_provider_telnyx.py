@@ -2,23 +2,19 @@
 
 from __future__ import annotations
 
-import asyncio
-import socket
 import uuid
-from collections import deque
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from typing import Any
 
-import orjson
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 from pydantic import SecretStr
 
-from worker.errors import ProviderRejected, ProviderUnavailable, WorkerError
+from tests.component.fake_provider import FakeProvider, all_text, refused_url, serving
+from worker.errors import ProviderRejected, ProviderUnavailable
 from worker.messages import SupervisorRoleChange
 from worker.providers.factory import make_provider
 from worker.providers.telnyx import TelnyxClient
@@ -29,31 +25,15 @@ CONFERENCE = "3fa85f64-5717-4562-b3fc-2c963f66afa6"
 
 
 @dataclass
-class Seen:
-    method: str
-    raw_path: str
-    headers: dict[str, str]
-    body: Any
-
-
-@dataclass
-class FakeTelnyx:
+class FakeTelnyx(FakeProvider):
     """Answers 200 {"data": {"result": "ok"}} to a valid Bearer key, or what a test scripted."""
 
-    answers: deque[tuple[int, Any, dict[str, str]]] = field(default_factory=deque)
-    seen: list[Seen] = field(default_factory=list)
-    delay_s: float = 0.0
-    url: str = ""
-
-    async def handle(self, request: web.Request) -> web.Response:
-        body = orjson.loads(await request.read() or b"null")
-        self.seen.append(Seen(request.method, request.raw_path, dict(request.headers), body))
-        await asyncio.sleep(self.delay_s)
+    def refuse(self, request: web.Request) -> web.Response | None:
         if request.headers.get("Authorization") != f"Bearer {API_KEY}":
             return _errors(401, "10009", "Authentication failed", "bad headers")
-        if self.answers:
-            status, payload, headers = self.answers.popleft()
-            return web.Response(status=status, body=orjson.dumps(payload), headers=headers)
+        return None
+
+    def success(self, request: web.Request, body: Any) -> web.Response:
         headers = {"x-request-id": "tx-rid-1"}
         return web.json_response({"data": {"result": "ok"}}, headers=headers)
 
@@ -66,14 +46,8 @@ def _errors(status: int, code: str, title: str, detail: str) -> web.Response:
 @pytest.fixture
 async def fake() -> AsyncIterator[FakeTelnyx]:
     """A running fake Telnyx; its URL is ``fake.url``."""
-    state = FakeTelnyx()
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", state.handle)
-    server = TestServer(app)
-    await server.start_server()
-    state.url = str(server.make_url("/v2"))
-    yield state
-    await server.close()
+    async with serving(FakeTelnyx()) as running:
+        yield running
 
 
 def _config(base_url: str, timeout_s: float = 5.0, key: str = API_KEY) -> ProviderConfig:
@@ -235,10 +209,7 @@ async def test_timeout_is_unavailable(fake: FakeTelnyx) -> None:
 
 async def test_connection_refused_is_unavailable() -> None:
     """Nothing listening on the port gives ProviderUnavailable."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    telnyx = TelnyxClient(_config(f"http://127.0.0.1:{port}/v2"))
+    telnyx = TelnyxClient(_config(refused_url()))
     try:
         with pytest.raises(ProviderUnavailable):
             await telnyx.execute(_command())
@@ -264,18 +235,13 @@ async def test_ids_cannot_change_the_path(fake: FakeTelnyx, client, evil, quoted
     assert fake.seen[-1].raw_path == f"/v2/conferences/{quoted}/actions/update"
 
 
-def _all_text(error: WorkerError) -> str:
-    details = orjson.dumps(error.details).decode()
-    return " ".join([str(error), repr(error), error.message, details, *map(str, error.args)])
-
-
 async def test_no_secret_in_errors(fake: FakeTelnyx, client) -> None:
     """A key echoed back in an error is redacted from message and details."""
     echo = f"Bearer {API_KEY}"
     fake.answers.append((422, {"errors": [{"title": echo, "detail": echo, "meta": echo}]}, {}))
     with pytest.raises(ProviderRejected) as caught:
         await client.execute(_command())
-    text = _all_text(caught.value)
+    text = all_text(caught.value)
     assert API_KEY not in text
     assert "[REDACTED]" in text
 

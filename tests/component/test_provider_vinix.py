@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Callable
@@ -15,9 +14,9 @@ from typing import Any
 import orjson
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 from pydantic import SecretStr
 
+from tests.component.fake_provider import FakeProvider, all_text, json_body, refused_url, serving
 from worker.errors import ProviderAnswer, ProviderRejected, ProviderUnavailable, WorkerError
 from worker.messages import ConferenceUpdate
 from worker.providers.factory import make_provider
@@ -31,15 +30,7 @@ CONFERENCE = "fedcba9876543210fedcba9876543210"
 
 
 @dataclass
-class Seen:
-    method: str
-    raw_path: str
-    headers: dict[str, str]
-    body: Any
-
-
-@dataclass
-class FakeVinix:
+class FakeVinix(FakeProvider):
     """Issues tokens for API_KEY, saves conferences, or answers what a test scripted."""
 
     auth_calls: int = 0
@@ -47,22 +38,18 @@ class FakeVinix:
     auth_answers: deque[tuple[int, Any]] = field(default_factory=deque)
     valid_tokens: set[str] = field(default_factory=set)
     issued: list[str] = field(default_factory=list)
-    answers: deque[tuple[int, Any, dict[str, str]]] = field(default_factory=deque)
-    seen: list[Seen] = field(default_factory=list)
-    delay_s: float = 0.0
-    url: str = ""
 
     async def handle(self, request: web.Request) -> web.Response:
-        body = orjson.loads(await request.read() or b"null")
         if request.path == "/v2/api_auth":
-            return await self.auth(request, body)
-        self.seen.append(Seen(request.method, request.raw_path, dict(request.headers), body))
-        await asyncio.sleep(self.delay_s)
+            return await self.auth(request, await json_body(request))
+        return await super().handle(request)
+
+    def refuse(self, request: web.Request) -> web.Response | None:
         if request.headers.get("X-Auth-Token") not in self.valid_tokens:
             return _kazoo(401, "invalid_credentials", {"message": "invalid credentials"})
-        if self.answers:
-            status, payload, headers = self.answers.popleft()
-            return web.Response(status=status, body=orjson.dumps(payload), headers=headers)
+        return None
+
+    def success(self, request: web.Request, body: Any) -> web.Response:
         data = {**body["data"], "id": CONFERENCE}
         rid = request.headers.get("X-Request-ID", "none")
         return _json(200, {"status": "success", "data": data, "request_id": rid})
@@ -99,14 +86,8 @@ def _kazoo(status: int, message: str, data: Any) -> web.Response:
 @pytest.fixture
 async def fake() -> AsyncIterator[FakeVinix]:
     """A running fake Vinix; its URL is ``fake.url``."""
-    state = FakeVinix()
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", state.handle)
-    server = TestServer(app)
-    await server.start_server()
-    state.url = str(server.make_url("/v2"))
-    yield state
-    await server.close()
+    async with serving(FakeVinix()) as running:
+        yield running
 
 
 MakeClient = Callable[..., VinixClient]
@@ -339,10 +320,7 @@ async def test_timeout_is_unavailable(fake: FakeVinix, make_client: MakeClient) 
 
 async def test_connection_refused_is_unavailable(make_client: MakeClient) -> None:
     """Nothing listening on the port gives ProviderUnavailable."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    error, answer = await _failure(make_client(f"http://127.0.0.1:{port}/v2"))
+    error, answer = await _failure(make_client(refused_url()))
     assert (type(error), error.code, answer.status_code) == (
         ProviderUnavailable, "provider_unavailable", None
     )  # fmt: skip
@@ -359,16 +337,11 @@ async def test_ids_cannot_change_the_path(fake: FakeVinix, client, evil: str) ->
     assert fake.auth_calls == 1
 
 
-def _all_text(error: WorkerError) -> str:
-    details = orjson.dumps(error.details).decode()
-    return " ".join([str(error), repr(error), error.message, details, *map(str, error.args)])
-
-
 async def test_no_secret_in_auth_errors(fake: FakeVinix, make_client: MakeClient) -> None:
     """Kazoo echoes an unknown API key in its 404; the error carries neither key nor echo."""
     error, _ = await _failure(make_client(key="f" * 64))
     assert error.code == "provider_unauthorized"
-    assert "f" * 64 not in _all_text(error)
+    assert "f" * 64 not in all_text(error)
 
 
 async def test_no_secret_in_conference_errors(fake: FakeVinix, client) -> None:
@@ -379,7 +352,7 @@ async def test_no_secret_in_conference_errors(fake: FakeVinix, client) -> None:
             "data": {token: {"api_key": API_KEY}}}  # fmt: skip
     fake.answers.append((400, body, {}))
     error, _ = await _failure(client)
-    text = _all_text(error)
+    text = all_text(error)
     assert token not in text
     assert API_KEY not in text
     assert "[REDACTED]" in text

@@ -7,7 +7,6 @@ so tests never see each other's messages and leave nothing behind.
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import subprocess
 import sys
@@ -22,6 +21,7 @@ import aiohttp
 import orjson
 import pytest
 
+from ops.bench.env import worker_env as shared_worker_env
 from worker import topology
 from worker.app import Service
 from worker.sandbox import Sandbox
@@ -83,6 +83,29 @@ class Admin:
         return dict(await self.call("GET", "/__admin/state"))
 
 
+async def take(
+    queue: aio_pika.abc.AbstractQueue, count: int, timeout_s: float
+) -> list[aio_pika.abc.AbstractIncomingMessage]:
+    """The next ``count`` messages of ``queue``, each acked; TimeoutError after ``timeout_s``."""
+    got: list[aio_pika.abc.AbstractIncomingMessage] = []
+    async with asyncio.timeout(timeout_s):
+        while len(got) < count:
+            message = await queue.get(fail=False)
+            if message is None:
+                await asyncio.sleep(0.02)
+                continue
+            await message.ack()
+            got.append(message)
+    return got
+
+
+async def result_events(
+    queue: aio_pika.abc.AbstractQueue, count: int, timeout_s: float
+) -> list[dict[str, Any]]:
+    """The next ``count`` result events of ``queue`` (acked), decoded."""
+    return [orjson.loads(message.body) for message in await take(queue, count, timeout_s)]
+
+
 @dataclass
 class Bus:
     """A test's view of the broker: publish commands, read result events and dead letters."""
@@ -113,15 +136,7 @@ class Bus:
 
     async def events(self, count: int, timeout_s: float = 30.0) -> list[dict[str, Any]]:
         """The next ``count`` result events."""
-        got: list[dict[str, Any]] = []
-        async with asyncio.timeout(timeout_s):
-            while len(got) < count:
-                message = await self.results.get(fail=False)
-                if message is None:
-                    await asyncio.sleep(0.02)
-                    continue
-                await message.ack()
-                got.append(orjson.loads(message.body))
+        got = await result_events(self.results, count, timeout_s)
         self.seen += got
         return got
 
@@ -130,16 +145,7 @@ class Bus:
     ) -> list[aio_pika.abc.AbstractIncomingMessage]:
         """Take ``count`` messages from the dead-letter queue (acked: the queue is left empty)."""
         queue = await self.channel.get_queue(self.settings.dead_queue)
-        got: list[aio_pika.abc.AbstractIncomingMessage] = []
-        async with asyncio.timeout(timeout_s):
-            while len(got) < count:
-                message = await queue.get(fail=False)
-                if message is None:
-                    await asyncio.sleep(0.02)
-                    continue
-                await message.ack()
-                got.append(message)
-        return got
+        return await take(queue, count, timeout_s)
 
 
 def queue_counts(name: str) -> tuple[int, int]:
@@ -164,6 +170,7 @@ def queue_counts(name: str) -> tuple[int, int]:
         if parts and parts[0] == name:
             return int(parts[1]), int(parts[2])
     raise AssertionError(f"queue {name} not found")
+
 
 
 @pytest.fixture
@@ -223,30 +230,15 @@ async def worker_factory(prefix: str, sandbox: Sandbox) -> AsyncIterator[WorkerF
 
 
 def worker_env(prefix: str, sandbox: Sandbox, **overrides: Any) -> dict[str, str]:
-    """Environment for a worker process on the test's topology, using the sandbox's keys."""
-    settings = worker_settings(prefix)
-    fx = sandbox.fixtures
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CW_")}
-    env.update(
-        {
-            "CW_AMQP_URL": AMQP_URL,
-            "CW_DEDUP_URL": REDIS_URL,
-            "CW_COMMANDS_EXCHANGE": settings.commands_exchange,
-            "CW_COMMANDS_QUEUE": settings.commands_queue,
-            "CW_RESULTS_EXCHANGE": settings.results_exchange,
-            "CW_DEAD_EXCHANGE": settings.dead_exchange,
-            "CW_DEAD_QUEUE": settings.dead_queue,
-            "CW_VINIX_BASE_URL": sandbox.base_url,
-            "CW_VINIX_API_KEY": fx["vinix"]["api_key"],
-            "CW_TELNYX_BASE_URL": sandbox.base_url,
-            "CW_TELNYX_API_KEY": fx["telnyx"]["api_key"],
-            "CW_RETRY_BASE_DELAY_S": "0.05",
-            "CW_LOG_LEVEL": "WARNING",
-            "CW_HTTP_PORT": "0",
-        }
+    """Environment for a worker process on the test's topology, using the sandbox's keys
+    (``amqp_url`` and ``dedup_url`` may be overridden like any setting)."""
+    return shared_worker_env(
+        worker_settings(prefix),
+        sandbox,
+        amqp_url=overrides.pop("amqp_url", AMQP_URL),
+        dedup_url=overrides.pop("dedup_url", REDIS_URL),
+        **{"retry_base_delay_s": 0.05, **overrides},
     )
-    env.update({f"CW_{key.upper()}": str(value) for key, value in overrides.items()})
-    return env
 
 
 class Processes:
@@ -305,16 +297,8 @@ class Broker:
             await exchange.publish(message, str(body["type"]))
 
     async def collect(self, count: int, timeout_s: float) -> list[dict[str, Any]]:
-        got: list[dict[str, Any]] = []
-        async with asyncio.timeout(timeout_s):
-            while len(got) < count:
-                message = await self.results.get(fail=False)
-                if message is None:
-                    await asyncio.sleep(0.02)
-                    continue
-                await message.ack()
-                got.append(orjson.loads(message.body))
-        return got
+        """The next ``count`` result events."""
+        return await result_events(self.results, count, timeout_s)
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 from yarl import URL
 
-from tests.integration.conftest import AMQP_URL, Bus, worker_settings
+from tests.integration.conftest import AMQP_URL, Bus, take, worker_settings
 from worker import topology
 from worker.app import Service
 from worker.log import JsonFormatter
@@ -135,16 +135,7 @@ async def result_messages(
     bus: Bus, count: int, timeout_s: float = 30.0
 ) -> list[aio_pika.abc.AbstractIncomingMessage]:
     """The next ``count`` result messages, properties and headers included."""
-    got: list[aio_pika.abc.AbstractIncomingMessage] = []
-    async with asyncio.timeout(timeout_s):
-        while len(got) < count:
-            message = await bus.results.get(fail=False)
-            if message is None:
-                await asyncio.sleep(0.02)
-                continue
-            await message.ack()
-            got.append(message)
-    return got
+    return await take(bus.results, count, timeout_s)
 
 
 async def until(check: Callable[[], Awaitable[T]], timeout_s: float = 10.0) -> T:

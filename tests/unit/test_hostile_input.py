@@ -21,7 +21,9 @@ import math
 import os
 import re
 import struct
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any, get_args
 from urllib.parse import quote, unquote, urlsplit
@@ -41,7 +43,7 @@ from worker.errors import InvalidMessage
 from worker.messages import COMMAND_TYPES, ErrorCode, ResultEvent
 from worker.pipeline import Outcome
 from worker.providers import ProviderSuccess
-from worker.providers.http import HttpAnswer, JsonHttp
+from worker.providers.http import JsonHttp
 from worker.providers.telnyx import TelnyxClient
 from worker.providers.vinix import VinixClient
 from worker.settings import ProviderConfig
@@ -136,28 +138,46 @@ NASTY = (
 # --- the recording transport and the providers over it ------------------------------------------
 
 
+@dataclass
+class Canned:
+    """An aiohttp response as far as JsonHttp reads it: status, body bytes, headers."""
+
+    status: int
+    body: bytes
+    headers: dict[str, str] = field(default_factory=dict)
+
+    async def read(self) -> bytes:
+        return self.body
+
+
+class RecordingSession:
+    """Stands in for JsonHttp's aiohttp.ClientSession: remembers every request and answers it
+    with a 2xx (a token for ``/api_auth``); never opens a connection."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, URL, dict[str, str]]] = []
+
+    @asynccontextmanager
+    async def request(
+        self, method: str, url: URL, *, headers: Mapping[str, str], **_: Any
+    ) -> AsyncIterator[Canned]:
+        self.sent.append((method, url, dict(headers)))
+        if url.raw_path.endswith("/api_auth"):
+            yield Canned(200, orjson.dumps({"auth_token": TOKEN}))
+        else:
+            yield Canned(200, orjson.dumps({"data": {"result": "ok"}}))
+
+
 class RecordingHttp(JsonHttp):
-    """Answers every request with a 2xx and remembers it; never opens a connection."""
+    """The real JsonHttp (request building, JSON encoding, answer parsing) over a
+    RecordingSession instead of a connection pool; ``sent`` is what reached the session."""
 
     def __init__(self, name: str) -> None:
         assert name in ("vinix", "telnyx")
         super().__init__(ProviderConfig(name, BASE[name], SecretStr(API_KEY)))  # type: ignore[arg-type]
-        self.sent: list[tuple[str, URL, dict[str, str]]] = []
-
-    async def request(
-        self,
-        method: str,
-        url: URL,
-        *,
-        headers: Mapping[str, str],
-        body: Any,
-        request_id: str | None = None,
-    ) -> HttpAnswer:
-        orjson.dumps(body)  # what the real transport does first
-        self.sent.append((method, url, dict(headers)))
-        if url.raw_path.endswith("/api_auth"):
-            return HttpAnswer(200, {}, {"auth_token": TOKEN}, request_id)
-        return HttpAnswer(200, {}, {"data": {"result": "ok"}}, request_id)
+        session = RecordingSession()
+        self._session = session  # type: ignore[assignment]
+        self.sent = session.sent
 
 
 class Through(FakeProvider):
