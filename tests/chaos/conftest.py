@@ -28,7 +28,7 @@ from tests.integration.conftest import (
     REDIS_URL,
     Admin,
     Processes,
-    queue_counts,
+    settled_counts,
     worker_env,
     worker_settings,
 )
@@ -157,15 +157,12 @@ class Run:
         After a broker restart, deliveries whose acks were lost come back and are answered again
         (as duplicates) after every command already has its result, so the queue is watched.
         """
-        counts = queue_counts(self.settings.commands_queue)
         deadline = asyncio.get_running_loop().time() + timeout_s
-        while counts != (0, 0) and asyncio.get_running_loop().time() < deadline:
-            await asyncio.sleep(1)
+        while True:
+            counts = await settled_counts(self.settings.commands_queue)  # a fresh snapshot
             await self.drain_results()
-            counts = queue_counts(self.settings.commands_queue)
-        await asyncio.sleep(0.5)
-        await self.drain_results()
-        return counts
+            if counts == (0, 0) or asyncio.get_running_loop().time() > deadline:
+                return counts
 
     async def check(self, admin: Admin, *, all_succeed: bool = True) -> None:
         """Every promise of the service, asserted; the figures recorded for the summary.

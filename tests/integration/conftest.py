@@ -172,6 +172,19 @@ def queue_counts(name: str) -> tuple[int, int]:
     raise AssertionError(f"queue {name} not found")
 
 
+STATS_LAG_S = 6.0  # rabbitmqctl's counts of a quorum queue are refreshed on a ~5 s tick
+
+
+async def settled_counts(name: str) -> tuple[int, int]:
+    """(ready, unacked) of a queue once RabbitMQ's metrics caught up with it.
+
+    A quorum queue's counts, as ``rabbitmqctl list_queues`` reports them, are a snapshot taken on
+    the queue's tick (every ~5 s): read at once after activity, they can show deliveries acked a
+    moment ago as unacknowledged (or the reverse).  A delivery that is really stuck stays so.
+    """
+    await asyncio.sleep(STATS_LAG_S)
+    return queue_counts(name)
+
 
 @pytest.fixture
 def prefix() -> str:

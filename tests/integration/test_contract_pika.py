@@ -15,7 +15,7 @@ import orjson
 import pika
 import pytest
 
-from tests.integration.conftest import AMQP_URL, Admin, Bus, WorkerFactory, queue_counts
+from tests.integration.conftest import AMQP_URL, Admin, Bus, WorkerFactory, settled_counts
 
 pytestmark = pytest.mark.integration
 
@@ -240,7 +240,7 @@ async def test_every_contract_case_gets_one_result_with_the_right_status(
             check(after, await exchange_all(client, after))
         finally:
             await asyncio.to_thread(client.close)
-        assert queue_counts(bus.settings.commands_queue) == (0, 0)
+        assert await settled_counts(bus.settings.commands_queue) == (0, 0)
 
 
 async def test_rate_limited_answer_is_retried_after_retry_after(

@@ -30,7 +30,7 @@ from tests.integration.conftest import (
     Admin,
     Bus,
     WorkerFactory,
-    queue_counts,
+    settled_counts,
     worker_settings,
 )
 from worker import dlq, topology
@@ -435,5 +435,5 @@ async def test_5000_dead_letters_replayed_at_500_per_s_interrupted_and_resumed(
         if r["provider"] == "telnyx"
     )
     assert all(sent[i] == 1 for i in ids)
-    assert queue_counts(bus.settings.dead_queue) == (0, 0)
+    assert await settled_counts(bus.settings.dead_queue) == (0, 0)
     print(f"replay rates: {done.group(4)}/s then {rest.group(4)}/s")

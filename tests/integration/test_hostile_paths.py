@@ -27,7 +27,14 @@ import pika
 import pytest
 from aio_pika.exceptions import ChannelPreconditionFailed
 
-from tests.integration.conftest import AMQP_URL, Admin, Bus, WorkerFactory, queue_counts
+from tests.integration.conftest import (
+    AMQP_URL,
+    Admin,
+    Bus,
+    WorkerFactory,
+    queue_counts,
+    settled_counts,
+)
 from worker import codec
 from worker.errors import InvalidMessage
 
@@ -35,7 +42,6 @@ pytestmark = pytest.mark.integration
 
 LIMIT = 256 * 1024
 SETTLE_S = 1.5  # how long to keep listening for a second (wrong) event after the first
-STATS_LAG_S = 6.0  # rabbitmqctl's queue counts trail the queue by up to ~5 s
 
 TELNYX_IDS = [
     "../",
@@ -117,12 +123,6 @@ async def events_by_id(bus: Bus, ids: set[str], timeout_s: float = 30.0) -> dict
         event = orjson.loads(message.body)
         got.setdefault(str(event["command_id"]), []).append(event)
     return got
-
-
-async def settled_counts(name: str) -> tuple[int, int]:
-    """(ready, unacked) of a queue once RabbitMQ's metrics caught up (they lag a few seconds)."""
-    await asyncio.sleep(STATS_LAG_S)
-    return queue_counts(name)
 
 
 def assert_legitimate_paths(

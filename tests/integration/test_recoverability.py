@@ -23,7 +23,7 @@ from tests.integration.conftest import (
     Broker,
     Processes,
     WorkerFactory,
-    queue_counts,
+    settled_counts,
     wait_for_consumers,
     worker_env,
 )
@@ -192,4 +192,4 @@ async def test_sigterm_under_load_exits_cleanly_and_loses_nothing(
     finals = Counter(e["command_id"] for e in events if not e["duplicate"])
     assert set(finals) == {c["command_id"] for c in commands}
     assert Counter(e["status"] for e in events) == {"succeeded": 2000}
-    assert queue_counts(broker.settings.commands_queue) == (0, 0)
+    assert await settled_counts(broker.settings.commands_queue) == (0, 0)
