@@ -121,12 +121,14 @@ async def traced_worker(
     try:
         await service.start()
         channel = await connection.channel()
-        results = await channel.declare_queue(f"{prefix}.test-results", auto_delete=True)
+        results = await channel.declare_queue(f"{prefix}.test-results")
         await results.bind(settings.results_exchange, "#")
         yield service, Bus(settings, connection, channel, results)
     finally:
         await service.stop()
         channel = await connection.channel()
+        # Deleted by name: polled with basic.get, it never had a consumer to auto-delete it.
+        await channel.queue_delete(f"{prefix}.test-results")
         await topology.delete(channel, settings.topology())
         await connection.close()
 
