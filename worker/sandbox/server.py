@@ -153,15 +153,15 @@ class Sandbox:
             body, too_big = b"", True
         call = Call.from_request(request, body)
         api = self._api_for(call.segments)
-        entry = self.requests.record(api.name, call)
+        key = self.requests.record(api.name, call)
         try:
             reply = api.fault_reply(call, 413) if too_big else await self._answer(api, call)
         except _Disconnect:
-            entry["error"] = "disconnect"
+            self.requests.complete(key, None, error="disconnect")
             if request.transport is not None:
                 request.transport.close()
             raise asyncio.CancelledError from None
-        entry["status"] = reply.status
+        self.requests.complete(key, reply.status)
         return reply.response()
 
     async def _answer(self, api: ProviderApi, call: Call) -> Reply:
