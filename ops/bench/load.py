@@ -289,6 +289,7 @@ class PacedPublisher:
     max_unconfirmed: int = 5000
     sent: int = 0
     lag_max_s: float = 0.0
+    confirms: list[float] = field(default_factory=list)  # publish→confirm, seconds
     _pending: set[asyncio.Task[Any]] = field(default_factory=set)
 
     async def run(self, duration_s: float) -> float:
@@ -304,8 +305,8 @@ class PacedPublisher:
             while self.sent < due:
                 command = self.factory.make(self.sent)
                 self.sent += 1
-                self.collector.sent_at[command.command_id] = time.perf_counter()
-                task = asyncio.create_task(self.publisher.send(command))
+                sent_at = self.collector.sent_at[command.command_id] = time.perf_counter()
+                task = asyncio.create_task(self._send(command, sent_at))
                 self._pending.add(task)
                 task.add_done_callback(self._pending.discard)
             if len(self._pending) > self.max_unconfirmed:
@@ -316,6 +317,12 @@ class PacedPublisher:
         if self._pending:
             await asyncio.gather(*self._pending)
         return (self.sent - first) / elapsed if elapsed > 0 else 0.0
+
+    async def _send(self, command: Command, sent_at: float) -> None:
+        """Publish; record how long the broker took to confirm (its own share of the latency:
+        a quorum queue confirms, and delivers, only once the command is on disk)."""
+        await self.publisher.send(command)
+        self.confirms.append(time.perf_counter() - sent_at)
 
 
 def percentiles(values: Sequence[float], points: Sequence[float]) -> dict[str, float]:

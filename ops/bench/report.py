@@ -140,6 +140,7 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
         value = p99["latency_ms"]["p99"]
         acceptance["3_p99_at_half_rate"] = {
             "measured": value,
+            "broker_confirm_p99_ms": (p99.get("broker_confirm_ms") or {}).get("p99"),
             "threshold": f"<= {MAX_P99_MS} ms",
             "pass": value <= MAX_P99_MS,
         }
@@ -230,7 +231,8 @@ def main_table(results: dict[str, Any]) -> Table:
 
 def latency_table(scen: dict[str, Any]) -> Table:
     table = Table(title="publish → result latency at half the measured maximum rate (ms)")
-    for col in ("process", "offered cmd/s", "p50", "p95", "p99", "p99.9", "max", "samples"):
+    columns = ("p50", "p95", "p99", "p99.9", "max", "broker p99", "samples")
+    for col in ("process", "offered cmd/s", *columns):
         table.add_column(col, justify="left" if col == "process" else "right")
     for key in ("p99", "p99_floor"):
         if key in scen:
@@ -240,9 +242,16 @@ def latency_table(scen: dict[str, Any]) -> Table:
                 r["kind"],
                 _fmt(r["offered_cmd_s"]),
                 *(_fmt(lat[k], 2) for k in ("p50", "p95", "p99", "p99.9", "max")),
+                _broker_p99(r),
                 _fmt(r["latency_samples"]),
             )
+    table.caption = "broker p99: publish → confirm (the broker's own share: on disk, then sent)"
     return table
+
+
+def _broker_p99(r: dict[str, Any]) -> str:
+    confirm = r.get("broker_confirm_ms") or {}
+    return _fmt(confirm["p99"], 2) if "p99" in confirm else "—"
 
 
 def ratio_table(r: dict[str, Any]) -> Table:
@@ -301,13 +310,14 @@ def markdown(results: dict[str, Any]) -> str:
     if "p99" in scen:
         lines += [
             "",
-            "| publish→result (ms) | offered cmd/s | p50 | p95 | p99 | p99.9 | max |",
-            "|---|---|---|---|---|---|---|",
+            "| publish→result (ms) | offered cmd/s | p50 | p95 | p99 | p99.9 | max | broker p99 |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for key in ("p99", "p99_floor"):
             if key in scen:
                 lat = scen[key]["latency_ms"]
                 cells = [_fmt(lat[k], 2) for k in ("p50", "p95", "p99", "p99.9", "max")]
+                cells.append(_broker_p99(scen[key]))
                 offered = _fmt(scen[key]["offered_cmd_s"])
                 lines.append(f"| {scen[key]['kind']} | {offered} | " + " | ".join(cells) + " |")
     r = results["summary"]["ratios"]
@@ -348,6 +358,7 @@ def markdown(results: dict[str, Any]) -> str:
 
 
 NOISY_OTHERS_PCT = 20.0
+BROKER_STALL_MS = 12.5  # half the p99 target, spent before a consumer even sees the command
 
 
 def noise_warnings(results: dict[str, Any]) -> list[str]:
@@ -362,14 +373,19 @@ def noise_warnings(results: dict[str, Any]) -> list[str]:
         for name, r in measured
         if r.get("cpu_util_pct", {}).get("others", 0.0) > NOISY_OTHERS_PCT
     ]
-    if not noisy:
-        return []
-    return [
+    warnings = [
         "other processes used the CPU during: "
         + ", ".join(noisy)
         + " (of 100% per core): these figures are noisy; run again on a quiet machine"
         + " or with --repeat"
-    ]
+    ][: len(noisy)]
+    broker = (scen.get("p99", {}).get("broker_confirm_ms") or {}).get("p99", 0.0)
+    if broker > BROKER_STALL_MS:
+        warnings.append(
+            f"the broker alone took {broker:.1f} ms (p99, publish → confirm) in the p99 window:"
+            " its disk stalled, and every consumer's latency with it; run the p99 again"
+        )
+    return warnings
 
 
 def tables(results: dict[str, Any]) -> Iterator[Table]:

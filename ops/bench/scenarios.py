@@ -296,6 +296,7 @@ async def paced(
                 raise BenchError(f"{name}: the warm-up's results did not all arrive")
             st.collector.latencies.clear()
             publisher.lag_max_s = 0.0
+            publisher.confirms.clear()
             warmed = publisher.sent
             if args.profile:
                 profiler = start_profiler(ctx, child, name)
@@ -333,6 +334,10 @@ async def paced(
         },
         "latency_timeline_ms": timeline(st.collector.latencies, start.t),
         "publisher_lag_max_ms": round(publisher.lag_max_s * 1000, 2),
+        "broker_confirm_ms": {
+            k: round(v, 2)
+            for k, v in percentiles([x * 1000 for x in publisher.confirms], (50, 99, 100)).items()
+        },
         "consumer_cpu_us_per_cmd": round(cpu["consumer"] / sent * 1e6, 1),
         "consumer_cpu_util_pct": round(100.0 * cpu["consumer"] / (end.t - start.t), 1),
         "cpu_us_per_cmd": {r: round(v / sent * 1e6, 1) for r, v in cpu.items()},
