@@ -118,6 +118,9 @@ async def imported(prefix: str) -> AsyncIterator[tuple[Topology, dict[str, Any]]
             "dead_queue",
         )
     }
+    # The delay tiers are named after the command queue: renamed too, or the import would
+    # create (and leave behind) the default-named ones.
+    names |= {default.delay_queue(s): mine.delay_queue(s) for s in default.delay_tiers_s}
     copy = prefixed_copy(json.loads(DEFINITIONS.read_text()), names, prefix)
     try:
         await asyncio.to_thread(import_definitions, copy, {mine.commands_queue, mine.dead_queue})
