@@ -373,12 +373,14 @@ def noise_warnings(results: dict[str, Any]) -> list[str]:
         for name, r in measured
         if r.get("cpu_util_pct", {}).get("others", 0.0) > NOISY_OTHERS_PCT
     ]
-    warnings = [
-        "other processes used the CPU during: "
-        + ", ".join(noisy)
-        + " (of 100% per core): these figures are noisy; run again on a quiet machine"
-        + " or with --repeat"
-    ][: len(noisy)]
+    warnings = []
+    if noisy:
+        warnings.append(
+            "other processes used the CPU during: "
+            + ", ".join(noisy)
+            + " (of 100% per core): these figures are noisy; run again on a quiet machine"
+            + " or with --repeat"
+        )
     broker = (scen.get("p99", {}).get("broker_confirm_ms") or {}).get("p99", 0.0)
     if broker > BROKER_STALL_MS:
         warnings.append(

@@ -24,6 +24,7 @@ import asyncio
 import ssl
 import time
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -182,10 +183,9 @@ class _Protocol(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        while self._waiting:
-            future, _ = self._waiting.popleft()
-            if not future.done():
-                future.set_exception(exc)
+        waiting = list(self._waiting)  # emptied in place: data_received may hold the deque
+        self._waiting.clear()
+        _reject((future for future, _ in waiting), exc)
 
 
 class Pipe:
@@ -282,6 +282,11 @@ class Pipe:
 
     def _fail_pending(self, exc: Exception) -> None:
         pending, self._pending = self._pending, []
-        for _, future in pending:
-            if not future.done():
-                future.set_exception(exc)
+        _reject((future for _, future in pending), exc)
+
+
+def _reject(futures: Iterable[asyncio.Future[Any]], exc: Exception) -> None:
+    """Fail every future still waiting with ``exc``."""
+    for future in futures:
+        if not future.done():
+            future.set_exception(exc)
