@@ -183,7 +183,6 @@ class Service:
                 if self.settings.allowlist_file
                 else None
             ),
-            tracer=observer.tracer,
             sequencer=Sequencer(),
             keeper=self._keeper(dedup),
         )

@@ -104,17 +104,7 @@ class Publisher:
         if outcome.defer_s is not None and outcome.retry is not None:
             await self._defer(outcome.defer_s, outcome.retry, message)
             return
-        observer = self.observer
-        span = observer.publish_span(outcome.routing_key, self.topology.results_exchange)
-        try:
-            await self._publish(outcome, message, observer.trace_headers(span, message))
-        except BaseException as exc:
-            if span is not None:
-                span.record_exception(exc)
-            raise
-        finally:
-            if span is not None:
-                span.end()
+        await self._publish(outcome, message, self.observer.trace_headers(message))
 
     async def _publish(
         self,

@@ -3,14 +3,19 @@
 :class:`Observer` is built by the composition root from a :class:`worker.telemetry.Telemetry`.
 The consumer calls :meth:`Observer.begin` when a delivery arrives (the command span, kind
 CONSUMER, continuing the publisher's ``traceparent``; it becomes the task's current span, so the
-pipeline's and the HTTP client's child spans find it), :meth:`Observer.finish` once the delivery
-is settled (span attributes, counters, the outcome log line) and :meth:`Observer.end` last.
+HTTP client's spans and the result event's ``traceparent`` find it), :meth:`Observer.finish`
+once the delivery is settled (span attributes, counters, the outcome log line) and
+:meth:`Observer.end` last.
 
-Cost control, since this runs for every command: with tracing off no span is made at all; with a
-command that is not sampled only the command span's context exists (no attributes are built, no
-child span is made, the context still travels on in ``traceparent``); counters are cached
-children; the log line is one dict passed to ``logging`` once, and a success's line is DEBUG
-unless ``log_successes`` (``CW_LOG_SUCCESSES``).
+Cost control, since this runs for every command: with tracing off no span is made at all; a
+command that is not sampled (:class:`worker.sampling.HeadSampler` decides before the SDK is
+asked) has only a span context, made here (no attributes, no child span; the context still
+travels on in ``traceparent``); a sampled command makes its own span and one per provider HTTP
+request, while the dedup claim's outcome is an attribute of the command span rather than a span
+of its own and the result event carries the command span's context (half the spans, and half
+the exporter's work, of one span per step); counters are cached children; the log line is one
+dict passed to ``logging`` once, and a success's line is DEBUG unless ``log_successes``
+(``CW_LOG_SUCCESSES``).
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 from opentelemetry import context, trace
 from opentelemetry.context import Context
 from opentelemetry.propagators.textmap import Getter
-from opentelemetry.trace import Span, SpanContext, SpanKind, Status, StatusCode
+from opentelemetry.trace import NonRecordingSpan, Span, SpanContext, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from yarl import URL
 
@@ -102,6 +107,7 @@ class Observer:
         log_successes: bool = False,
     ) -> None:
         self.tracer = telemetry.tracer
+        self._head = telemetry.head
         self._success_level = logging.INFO if log_successes else logging.DEBUG
         self.metrics: Metrics = telemetry.metrics
         self._exchange = exchange
@@ -128,12 +134,14 @@ class Observer:
             if headers and "traceparent" in headers
             else None
         )
-        span = tracer.start_span(self._span_name, parent, kind=SpanKind.CONSUMER)
-        if span.is_recording():
-            span.set_attributes(self._consumer_attributes(message))
-        ctx = span.get_span_context()
-        if ctx.is_valid:
-            watch.trace_id = f"{ctx.trace_id:032x}"
+        parent_span = trace.get_current_span(parent).get_span_context() if parent else None
+        span: Span
+        if self._head.sampled(parent_span):
+            attributes = self._consumer_attributes(message)
+            span = tracer.start_span(self._span_name, parent, SpanKind.CONSUMER, attributes)
+        else:
+            span = NonRecordingSpan(self._head.dropped(parent_span))
+        watch.trace_id = f"{span.get_span_context().trace_id:032x}"
         watch.span = span
         watch.token = context.attach(trace.set_span_in_context(span))
         return watch
@@ -234,34 +242,15 @@ class Observer:
 
     # --- result publishing ------------------------------------------------------------------
 
-    def publish_span(self, routing_key: str, exchange: str) -> Span | None:
-        """A PRODUCER span for publishing the result, when the command's span is recorded."""
-        tracer = self.tracer
-        if tracer is None or not trace.get_current_span().is_recording():
-            return None
-        return tracer.start_span(
-            f"publish {exchange}",
-            kind=SpanKind.PRODUCER,
-            attributes={
-                "messaging.system": "rabbitmq",
-                "messaging.operation": "publish",
-                "messaging.operation.type": "send",
-                "messaging.destination.name": exchange,
-                "messaging.rabbitmq.destination.routing_key": routing_key,
-            },
-        )
-
-    def trace_headers(
-        self, span: Span | None, message: AbstractIncomingMessage
-    ) -> dict[str, Any] | None:
-        """``traceparent``/``tracestate`` for the result event: the worker's span, or (tracing
-        off) the publisher's own context passed through."""
+    def trace_headers(self, message: AbstractIncomingMessage) -> dict[str, Any] | None:
+        """``traceparent``/``tracestate`` for the result event: the command's span (the task's
+        current one), or (tracing off) the publisher's own context passed through."""
         if self.tracer is None:
             incoming = message.headers
             if not incoming or "traceparent" not in incoming:
                 return None
             return {k: incoming[k] for k in ("traceparent", "tracestate") if k in incoming}
-        ctx = (span or trace.get_current_span()).get_span_context()
+        ctx = trace.get_current_span().get_span_context()
         if not ctx.is_valid:
             return None
         headers: dict[str, Any] = {"traceparent": traceparent(ctx)}

@@ -23,7 +23,6 @@ from typing import Any, TypeVar
 
 import orjson
 from opentelemetry import trace
-from opentelemetry.trace import Tracer
 
 from worker import codec
 from worker.allowlist import AllowList, Forbidden
@@ -108,7 +107,6 @@ class Pipeline:
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
     infra_retry_s: float = 1.0
     clock: Callable[[], float] = time.time
-    tracer: Tracer | None = None  # child spans (dedup claim) under the delivery's current span
 
     async def process(self, delivery: Delivery, *, remember_later: bool = False) -> Outcome:
         """Carry out one delivery's command and say how it ended.
@@ -193,19 +191,14 @@ class Pipeline:
     async def _claim(
         self, command_id: str, fingerprint: str, target: str | None
     ) -> Claimed | Done | Conflict:
-        """Claim the command (a child span when the delivery's span is recorded)."""
-        tracer = self.tracer
-        if tracer is None or not trace.get_current_span().is_recording():
-            return await self._claim_untraced(command_id, fingerprint, target)
-        span = tracer.start_span("dedup claim")  # not made current: it has no children
-        try:
-            claim = await self._claim_untraced(command_id, fingerprint, target)
+        """Claim the command (its outcome an attribute of the delivery's span, when recorded)."""
+        claim = await self._claim_when_free(command_id, fingerprint, target)
+        span = trace.get_current_span()  # the delivery's, when it is recorded
+        if span.is_recording():
             span.set_attribute("conference_worker.dedup.outcome", type(claim).__name__.lower())
-            return claim
-        finally:
-            span.end()
+        return claim
 
-    async def _claim_untraced(
+    async def _claim_when_free(
         self, command_id: str, fingerprint: str, target: str | None
     ) -> Claimed | Done | Conflict:
         """Claim the command, waiting out an in-flight duplicate (never run in parallel)."""

@@ -15,7 +15,9 @@
   (ops/bench/RESULTS.md); smaller batches spread the same work out.
 - ``OTEL_TRACES_SAMPLER`` (default ``parentbased_traceidratio``) and ``OTEL_TRACES_SAMPLER_ARG``
   (default :data:`DEFAULT_RATIO`): a publisher's sampling decision is followed; commands that
-  arrive without one are sampled at the ratio.
+  arrive without one are sampled at the ratio.  The decision is the observer's
+  (:class:`worker.sampling.HeadSampler`, :attr:`Telemetry.head`), made before the SDK builds
+  anything; the SDK's own sampler is ``ALWAYS_ON`` for what it is then asked to record.
 - ``OTEL_SERVICE_NAME`` (default ``conference-worker``), ``OTEL_RESOURCE_ATTRIBUTES``.
 
 With tracing off :attr:`Telemetry.tracer` is None and the hot path skips every span.  Metrics
@@ -41,16 +43,11 @@ from opentelemetry.sdk.trace.export import (
     SpanExporter,
 )
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.sdk.trace.sampling import (
-    ALWAYS_OFF,
-    ALWAYS_ON,
-    ParentBased,
-    Sampler,
-    TraceIdRatioBased,
-)
+from opentelemetry.sdk.trace.sampling import ALWAYS_ON
 from opentelemetry.trace import Tracer
 
 from worker.metrics import Metrics
+from worker.sampling import HeadSampler
 
 log = logging.getLogger("worker.telemetry")
 
@@ -148,17 +145,11 @@ def _ratio(value: str) -> float:
     return ratio
 
 
-def make_sampler(config: TracingConfig) -> Sampler:
+def head_sampler(config: TracingConfig) -> HeadSampler:
     """The sampler ``config.sampler`` names (the ratio ones use ``config.ratio``)."""
-    root: Sampler
     name = config.sampler.removeprefix("parentbased_")
-    if name == "always_on":
-        root = ALWAYS_ON
-    elif name == "always_off":
-        root = ALWAYS_OFF
-    else:
-        root = TraceIdRatioBased(config.ratio)
-    return ParentBased(root) if config.sampler.startswith("parentbased_") else root
+    ratio = {"always_on": 1.0, "always_off": 0.0}.get(name, config.ratio)
+    return HeadSampler(ratio, parent_based=config.sampler.startswith("parentbased_"))
 
 
 def make_exporters(config: TracingConfig) -> list[SpanExporter]:
@@ -202,9 +193,10 @@ def _resource(service_name: str, instance: str | None) -> Resource:
 
 @dataclass(slots=True)
 class Telemetry:
-    """The tracer (None: tracing off) and the metrics of one worker."""
+    """The tracer (None: tracing off), its head sampler and the metrics of one worker."""
 
     tracer: Tracer | None = None
+    head: HeadSampler = field(default_factory=HeadSampler)
     metrics: Metrics = field(default_factory=Metrics)
     provider: TracerProvider | None = None
     exporter: InMemorySpanExporter | None = None  # only for :meth:`in_memory`
@@ -219,28 +211,25 @@ class Telemetry:
         if not config.enabled:
             return cls(config=config)
         provider = TracerProvider(
-            sampler=make_sampler(config), resource=_resource(config.service_name, instance)
+            sampler=ALWAYS_ON, resource=_resource(config.service_name, instance)
         )
         for exporter in make_exporters(config):
             provider.add_span_processor(
                 BatchSpanProcessor(exporter, max_export_batch_size=config.export_batch)
             )
-        log.info(
-            "tracing: %s, sampler %s (ratio %g)",
-            ",".join(sorted(config.exporters)),
-            config.sampler,
-            config.ratio,
-        )
-        return cls(_tracer(provider), provider=provider, config=config)
+        head = head_sampler(config)
+        log.info("tracing: %s, sampler %r", ",".join(sorted(config.exporters)), head)
+        return cls(_tracer(provider), head, provider=provider, config=config)
 
     @classmethod
-    def in_memory(cls, sampler: Sampler = ALWAYS_ON) -> Telemetry:
+    def in_memory(cls, head: HeadSampler | None = None) -> Telemetry:
         """Every span kept in memory (:attr:`exporter`), exported as it ends (for tests)."""
         exporter = InMemorySpanExporter()
-        provider = TracerProvider(sampler=sampler, resource=_resource(SERVICE_NAME, None))
+        provider = TracerProvider(sampler=ALWAYS_ON, resource=_resource(SERVICE_NAME, None))
         provider.add_span_processor(SimpleSpanProcessor(exporter))
         config = TracingConfig(exporters=frozenset({"memory"}), sampler="custom")
-        return cls(_tracer(provider), provider=provider, exporter=exporter, config=config)
+        head = head or HeadSampler()
+        return cls(_tracer(provider), head, provider=provider, exporter=exporter, config=config)
 
     @classmethod
     def disabled(cls) -> Telemetry:

@@ -14,7 +14,6 @@ from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
     OTLPSpanExporter as HttpExporter,
 )
 from opentelemetry.sdk.trace.export import ConsoleSpanExporter
-from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased
 from opentelemetry.trace import SpanKind
 from prometheus_client.parser import text_string_to_metric_families
 from yarl import URL
@@ -25,12 +24,13 @@ from worker.metrics import Metrics
 from worker.observe import Observer
 from worker.pipeline import Delivery, Outcome
 from worker.retry import RetryState
+from worker.sampling import HeadSampler
 from worker.telemetry import (
     DEFAULT_RATIO,
     Telemetry,
     TracingConfig,
+    head_sampler,
     make_exporters,
-    make_sampler,
     tracing_config,
 )
 
@@ -151,22 +151,25 @@ def test_default_sampler_is_parent_based_ratio() -> None:
     """By default commands without a parent are sampled at DEFAULT_RATIO; parents decide."""
     config = tracing_config({"OTEL_TRACES_EXPORTER": "console"})
     assert (config.sampler, config.ratio) == ("parentbased_traceidratio", DEFAULT_RATIO)
-    description = make_sampler(config).get_description()
-    assert description.startswith(f"ParentBased{{root:TraceIdRatioBased{{{DEFAULT_RATIO}}}")
+    head = head_sampler(config)
+    assert (head.parent_based, head.ratio) == (True, DEFAULT_RATIO)
 
 
 @pytest.mark.parametrize(
-    ("sampler", "arg", "description"),
+    ("sampler", "arg", "parent_based", "ratio"),
     [
-        ("traceidratio", "0.25", "TraceIdRatioBased{0.25}"),
-        ("always_on", "", "AlwaysOnSampler"),
-        ("parentbased_always_off", "", "ParentBased{root:AlwaysOffSampler"),
+        ("traceidratio", "0.25", False, 0.25),
+        ("always_on", "", False, 1.0),
+        ("always_off", "0.5", False, 0.0),
+        ("parentbased_always_off", "", True, 0.0),
+        ("parentbased_always_on", "", True, 1.0),
     ],
 )
-def test_sampler_from_env(sampler: str, arg: str, description: str) -> None:
-    """OTEL_TRACES_SAMPLER and OTEL_TRACES_SAMPLER_ARG build the named sampler."""
+def test_sampler_from_env(sampler: str, arg: str, parent_based: bool, ratio: float) -> None:
+    """OTEL_TRACES_SAMPLER and OTEL_TRACES_SAMPLER_ARG give the named sampler's rules."""
     env = {"OTEL_TRACES_SAMPLER": sampler, "OTEL_TRACES_SAMPLER_ARG": arg}
-    assert make_sampler(tracing_config(env)).get_description().startswith(description)
+    head = head_sampler(tracing_config(env))
+    assert (head.parent_based, head.ratio) == (parent_based, ratio)
 
 
 async def test_from_env_builds_a_provider_of_its_own() -> None:
@@ -188,7 +191,6 @@ async def test_from_env_builds_a_provider_of_its_own() -> None:
 async def run_command(observer: Observer, msg: Any, *, provider: FakeProvider | None = None) -> Any:
     """One delivery through a pipeline traced by ``observer``, as the consumer drives it."""
     pipeline = make(telnyx=provider)
-    pipeline.tracer = observer.tracer
     watch = observer.begin(msg)
     try:
         span, headers = observer.request_started(
@@ -196,10 +198,7 @@ async def run_command(observer: Observer, msg: Any, *, provider: FakeProvider | 
         )
         observer.request_finished(span, "telnyx", 503, None, 0.01)
         outcome = await pipeline.process(Delivery(msg.body))
-        publish = observer.publish_span(outcome.routing_key, "results")
-        result_headers = observer.trace_headers(publish, msg)
-        if publish is not None:
-            publish.end()
+        result_headers = observer.trace_headers(msg)
         observer.finish(watch, msg, outcome, True)
     finally:
         observer.end(watch)
@@ -213,17 +212,17 @@ async def test_sampled_command_continues_the_trace() -> None:
     sent, result = await run_command(observer, message({"traceparent": SAMPLED}))
     assert telemetry.exporter is not None
     spans = {span.name: span for span in telemetry.exporter.get_finished_spans()}
-    assert set(spans) == {"process cmds", "dedup claim", "POST", "publish results"}
+    assert set(spans) == {"process cmds", "POST"}
     command = spans["process cmds"]
     assert command.kind is SpanKind.CONSUMER
     assert command.parent is not None
     assert f"{command.parent.span_id:016x}" == PARENT_ID
     assert {f"{s.context.trace_id:032x}" for s in spans.values()} == {TRACE_ID}
-    for name in ("dedup claim", "POST", "publish results"):
-        parent = spans[name].parent
-        assert parent is not None
-        assert parent.span_id == command.context.span_id
+    parent = spans["POST"].parent
+    assert parent is not None
+    assert parent.span_id == command.context.span_id
     attributes = command.attributes or {}
+    assert attributes["conference_worker.dedup.outcome"] == "claimed"
     assert attributes["conference_worker.command.id"] == "r-1"
     assert attributes["conference_worker.command.status"] == "succeeded"
     assert attributes["messaging.system"] == "rabbitmq"
@@ -231,13 +230,12 @@ async def test_sampled_command_continues_the_trace() -> None:
     assert (client.attributes or {})["url.full"] == "http://h:1/v2/x"
     assert (client.attributes or {})["error.type"] == "503"
     assert sent["traceparent"] == f"00-{TRACE_ID}-{client.context.span_id:016x}-01"
-    publish_id = spans["publish results"].context.span_id
-    assert result == {"traceparent": f"00-{TRACE_ID}-{publish_id:016x}-01"}
+    assert result == {"traceparent": f"00-{TRACE_ID}-{command.context.span_id:016x}-01"}
 
 
 async def test_unsampled_command_makes_no_span_but_propagates() -> None:
     """A not-sampled parent: no span is recorded, yet traceparent (flag 00) travels on."""
-    telemetry = Telemetry.in_memory(sampler=ParentBased(ALWAYS_OFF))
+    telemetry = Telemetry.in_memory(HeadSampler(0.0))
     observer = Observer(telemetry)
     sent, result = await run_command(observer, message({"traceparent": NOT_SAMPLED}))
     assert telemetry.exporter is not None
