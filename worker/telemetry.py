@@ -7,12 +7,13 @@
   accepted).  Default: ``otlp`` when ``OTEL_EXPORTER_OTLP_ENDPOINT`` (or ``..._TRACES_ENDPOINT``)
   is set, else ``none``.  ``OTEL_SDK_DISABLED=true`` means ``none``.
 - ``OTEL_EXPORTER_OTLP_PROTOCOL`` (or ``..._TRACES_PROTOCOL``): ``http/protobuf`` (default) or
-  ``grpc``.  Headers, timeouts, certificates and compression are read by the exporter itself
-  from the usual ``OTEL_EXPORTER_OTLP_*`` variables; spans leave through a
-  ``BatchSpanProcessor`` (``OTEL_BSP_*``).  ``OTEL_BSP_MAX_EXPORT_BATCH_SIZE`` defaults to
-  :data:`DEFAULT_EXPORT_BATCH` here (the SDK's is 512): the export thread encodes a batch holding
-  the GIL, and 512 spans at once stalled the event loop for tens of milliseconds
-  (ops/bench/RESULTS.md); smaller batches spread the same work out.
+  ``grpc``.  OTLP/HTTP spans are encoded and posted from the event loop
+  (:class:`worker.otlp.LoopSpanProcessor`: no exporter thread to take the GIL from the loop),
+  which reads the usual ``OTEL_EXPORTER_OTLP_*`` headers, timeout, ``gzip`` compression and
+  certificates, and ``OTEL_BSP_*``.  grpc, ``deflate`` or a credential provider use the SDK's
+  exporter behind a ``BatchSpanProcessor`` thread instead.  ``OTEL_BSP_MAX_EXPORT_BATCH_SIZE``
+  defaults to :data:`DEFAULT_EXPORT_BATCH` here (the SDK's is 512: a thread encoding 512 spans at
+  once stalled the loop for tens of milliseconds, ops/bench/RESULTS.md).
 - ``OTEL_TRACES_SAMPLER`` (default ``parentbased_traceidratio``) and ``OTEL_TRACES_SAMPLER_ARG``
   (default :data:`DEFAULT_RATIO`): a publisher's sampling decision is followed; commands that
   arrive without one are sampled at the ratio.  The decision is the observer's
@@ -35,7 +36,7 @@ from importlib import metadata
 from typing import Literal
 
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import (
     BatchSpanProcessor,
     ConsoleSpanExporter,
@@ -47,6 +48,7 @@ from opentelemetry.sdk.trace.sampling import ALWAYS_ON
 from opentelemetry.trace import Tracer
 
 from worker.metrics import Metrics
+from worker.otlp import LoopSpanProcessor, OtlpHttp
 from worker.sampling import HeadSampler
 
 log = logging.getLogger("worker.telemetry")
@@ -152,14 +154,27 @@ def head_sampler(config: TracingConfig) -> HeadSampler:
     return HeadSampler(ratio, parent_based=config.sampler.startswith("parentbased_"))
 
 
-def make_exporters(config: TracingConfig) -> list[SpanExporter]:
-    """The span exporters ``config`` names (imported only when used)."""
-    exporters: list[SpanExporter] = []
+def make_processors(config: TracingConfig, environ: Mapping[str, str]) -> list[SpanProcessor]:
+    """The span processors ``config`` names (exporters imported only when used)."""
+    processors: list[SpanProcessor] = []
     if "console" in config.exporters:
-        exporters.append(ConsoleSpanExporter(service_name=config.service_name))
+        console = ConsoleSpanExporter(service_name=config.service_name)
+        processors.append(BatchSpanProcessor(console))
     if "otlp" in config.exporters:
-        exporters.append(_otlp_exporter(config))
-    return exporters
+        batch = config.export_batch or DEFAULT_EXPORT_BATCH
+        http = (
+            OtlpHttp.from_env(environ, config.endpoint, batch)
+            if config.protocol == "http/protobuf"
+            else None
+        )
+        if http is not None:
+            processors.append(LoopSpanProcessor(http))
+        else:
+            exporter = _otlp_exporter(config)
+            processors.append(
+                BatchSpanProcessor(exporter, max_export_batch_size=config.export_batch)
+            )
+    return processors
 
 
 def _otlp_exporter(config: TracingConfig) -> SpanExporter:
@@ -201,25 +216,28 @@ class Telemetry:
     provider: TracerProvider | None = None
     exporter: InMemorySpanExporter | None = None  # only for :meth:`in_memory`
     config: TracingConfig = field(default_factory=TracingConfig)
+    in_loop: list[LoopSpanProcessor] = field(default_factory=list)  # exporting from the loop
 
     @classmethod
     def from_env(
         cls, environ: Mapping[str, str] | None = None, *, instance: str | None = None
     ) -> Telemetry:
         """Tracing as the ``OTEL_*`` variables say (default: ``os.environ``), new metrics."""
-        config = tracing_config(os.environ if environ is None else environ)
+        environ = os.environ if environ is None else environ
+        config = tracing_config(environ)
         if not config.enabled:
             return cls(config=config)
         provider = TracerProvider(
             sampler=ALWAYS_ON, resource=_resource(config.service_name, instance)
         )
-        for exporter in make_exporters(config):
-            provider.add_span_processor(
-                BatchSpanProcessor(exporter, max_export_batch_size=config.export_batch)
-            )
+        processors = make_processors(config, environ)
+        for processor in processors:
+            provider.add_span_processor(processor)
         head = head_sampler(config)
         log.info("tracing: %s, sampler %r", ",".join(sorted(config.exporters)), head)
-        return cls(_tracer(provider), head, provider=provider, config=config)
+        telemetry = cls(_tracer(provider), head, provider=provider, config=config)
+        telemetry.in_loop = [p for p in processors if isinstance(p, LoopSpanProcessor)]
+        return telemetry
 
     @classmethod
     def in_memory(cls, head: HeadSampler | None = None) -> Telemetry:
@@ -237,7 +255,9 @@ class Telemetry:
         return cls()
 
     async def shutdown(self) -> None:
-        """Flush and stop the exporters (in a thread: exporting may block)."""
+        """Flush and stop the exporters (the SDK's in a thread: their exporting may block)."""
+        for processor in self.in_loop:
+            await processor.aclose()
         if self.provider is not None:
             await asyncio.to_thread(self.provider.shutdown)
 

@@ -13,7 +13,7 @@ from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
     OTLPSpanExporter as HttpExporter,
 )
-from opentelemetry.sdk.trace.export import ConsoleSpanExporter
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
 from opentelemetry.trace import SpanKind
 from prometheus_client.parser import text_string_to_metric_families
 from yarl import URL
@@ -22,6 +22,7 @@ from tests.unit.test_pipeline import FakeProvider, make, role
 from worker.gate import BreakerState, Gate
 from worker.metrics import Metrics
 from worker.observe import Observer
+from worker.otlp import LoopSpanProcessor
 from worker.pipeline import Delivery, Outcome
 from worker.retry import RetryState
 from worker.sampling import HeadSampler
@@ -30,7 +31,7 @@ from worker.telemetry import (
     Telemetry,
     TracingConfig,
     head_sampler,
-    make_exporters,
+    make_processors,
     tracing_config,
 )
 
@@ -80,8 +81,13 @@ def test_an_endpoint_selects_otlp_over_http() -> None:
     config = tracing_config({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318/"})
     assert (config.exporters, config.protocol) == (frozenset({"otlp"}), "http/protobuf")
     assert config.endpoint == "http://collector:4318/v1/traces"
-    (exporter,) = make_exporters(config)
-    assert isinstance(exporter, HttpExporter)
+    (processor,) = make_processors(config, {})
+    assert isinstance(processor, LoopSpanProcessor)
+    deflate = {"OTEL_EXPORTER_OTLP_COMPRESSION": "deflate"}  # the SDK's exporter does that
+    (processor,) = make_processors(config, deflate)
+    assert isinstance(processor, BatchSpanProcessor)
+    assert isinstance(processor._batch_processor._exporter, HttpExporter)
+    processor.shutdown()  # type: ignore[no-untyped-call]  # its thread
 
 
 def test_export_batches_are_small_unless_configured() -> None:
@@ -99,9 +105,10 @@ def test_grpc_keeps_the_endpoint_and_traces_endpoint_wins() -> None:
         {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4317", "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"}
     )
     assert (grpc.protocol, grpc.endpoint) == ("grpc", "http://c:4317")
-    (exporter,) = make_exporters(grpc)
-    assert isinstance(exporter, GrpcExporter)
-    exporter.shutdown()
+    (processor,) = make_processors(grpc, {})
+    assert isinstance(processor, BatchSpanProcessor)
+    assert isinstance(processor._batch_processor._exporter, GrpcExporter)
+    processor.shutdown()  # type: ignore[no-untyped-call]  # its thread
     traces = tracing_config(
         {
             "OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318",
@@ -127,8 +134,10 @@ def test_exporter_selection(environ: dict[str, str], exporters: set[str]) -> Non
 
 def test_console_exporter_is_built() -> None:
     """console builds a ConsoleSpanExporter."""
-    (exporter,) = make_exporters(TracingConfig(exporters=frozenset({"console"})))
-    assert isinstance(exporter, ConsoleSpanExporter)
+    (processor,) = make_processors(TracingConfig(exporters=frozenset({"console"})), {})
+    assert isinstance(processor, BatchSpanProcessor)
+    assert isinstance(processor._batch_processor._exporter, ConsoleSpanExporter)
+    processor.shutdown()  # type: ignore[no-untyped-call]  # its thread
 
 
 @pytest.mark.parametrize(
