@@ -170,6 +170,7 @@ class Service:
             default=channel.default_exchange,
             topology=topology,
             own_queues=frozenset({topology.commands_queue, topology.dead_queue, *delays}),
+            channel=channel,
             observer=observer,
         )
         pipeline = Pipeline(

@@ -15,15 +15,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import uuid
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 import aio_pika
-from aio_pika.abc import AbstractExchange, AbstractIncomingMessage, AbstractQueue
+import aiormq
+from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage, AbstractQueue
 from aio_pika.exceptions import CONNECTION_EXCEPTIONS
+from pamqp.commands import Basic
 
 from worker import amqp_hardening, codec
 from worker.observe import Observer, Watch
@@ -97,6 +98,7 @@ class Publisher:
     default: AbstractExchange
     topology: Topology
     own_queues: frozenset[str]
+    channel: AbstractChannel  # the one the exchanges are on (results go straight to it)
     observer: Observer = field(default_factory=Observer.disabled)
 
     async def publish(self, outcome: Outcome, message: AbstractIncomingMessage) -> None:
@@ -113,13 +115,14 @@ class Publisher:
         headers: dict[str, Any] | None,
     ) -> None:
         body = codec.encode(outcome.event)
-        event = _result_message(body, outcome, message, headers)
+        event = _result_properties(outcome, message, headers)
+        results = self.results.name
         sends: list[Awaitable[Any]] = [
-            self.results.publish(event, outcome.routing_key, mandatory=False)
+            _send(self.channel, results, outcome.routing_key, body, event)
         ]
         reply_to = message.reply_to
         if reply_to and len(reply_to) <= _MAX_REPLY_TO and reply_to not in self.own_queues:
-            sends.append(self.default.publish(event, reply_to, mandatory=False))
+            sends.append(_send(self.channel, "", reply_to, body, event))
         if outcome.dead_letter:
             dead = _dead_letter(outcome, message)
             sends.append(self.dead.publish(dead, original_routing_key(message), mandatory=True))
@@ -149,25 +152,46 @@ class Publisher:
         await self.default.publish(delayed, self.topology.delay_queue(tier), mandatory=True)
 
 
-def _result_message(
+async def _send(
+    channel: AbstractChannel,
+    exchange: str,
+    routing_key: str,
     body: bytes,
-    outcome: Outcome,
-    message: AbstractIncomingMessage,
-    headers: dict[str, Any] | None = None,
-) -> Any:
+    properties: Basic.Properties,
+) -> None:
+    """Publish (unroutable: dropped) and wait for the broker's confirm.
+
+    Straight on the channel under aio-pika's ``Exchange.publish`` (which adds a ``Message`` to
+    convert), with ``wait=False``: aiormq then releases the channel's lock once the frames are
+    queued instead of once they are written, so concurrent results are not serialized one event
+    loop turn apart. The confirm is still awaited (a nack raises ``DeliveryError``).
+    """
+    underlay = cast(aiormq.Channel, await channel.get_underlay_channel())  # declares ``wait``
+    await underlay.basic_publish(
+        body,
+        exchange=exchange,
+        routing_key=routing_key,
+        properties=properties,
+        mandatory=False,
+        wait=False,
+    )
+
+
+def _result_properties(
+    outcome: Outcome, message: AbstractIncomingMessage, headers: dict[str, Any] | None = None
+) -> Basic.Properties:
+    """The result event's properties; aiormq adds a random ``message_id``."""
     correlation_id = message.correlation_id or outcome.event.get("command_id")
     if correlation_id is not None and len(correlation_id.encode("utf-8")) > 255:
         correlation_id = None  # an AMQP short string holds 255 bytes; the event body has the id
-    return aio_pika.Message(
-        body,
-        headers=headers,
+    return Basic.Properties(
         content_type="application/json",
-        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        delivery_mode=2,  # persistent
         correlation_id=correlation_id,
-        message_id=uuid.uuid4().hex,
         timestamp=datetime.now(UTC),
         app_id="conference-worker",
-        type="result",
+        message_type="result",
+        headers=headers,
     )
 
 

@@ -265,15 +265,14 @@ def incoming(**properties: Any) -> Any:
 
 def marshal_answers(outcome: Outcome, delivery: Any = None) -> None:
     """Build the result message and the dead letter as the consumer does and marshal them."""
-    from worker.consumer import _dead_letter, _result_message
+    from worker.consumer import _dead_letter, _result_properties
 
     body = codec.encode(outcome.event)
     delivery = delivery or incoming()
-    messages = [_result_message(body, outcome, delivery)]
+    ContentHeader(0, len(body), _result_properties(outcome, delivery)).marshal()
     if outcome.dead_letter:
-        messages.append(_dead_letter(outcome, delivery))
-    for message in messages:
-        ContentHeader(0, len(message.body), message.properties).marshal()
+        dead = _dead_letter(outcome, delivery)
+        ContentHeader(0, len(dead.body), dead.properties).marshal()
 
 
 def too_long_for_amqp(value: str | None) -> bool:
