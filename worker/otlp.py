@@ -190,7 +190,12 @@ class LoopSpanProcessor(SpanProcessor):
                 pass
             self._wake.clear()
             while self._queue:
-                await self._post(self._take(), retries=RETRY_DELAYS_S)
+                batch = self._take()
+                try:
+                    await self._post(batch, retries=RETRY_DELAYS_S)
+                except Exception:  # a span the encoder cannot take: lose the batch, not the task
+                    log.exception("could not export %d spans", len(batch))
+                    self.dropped += len(batch)
                 if len(self._queue) < self._config.batch:
                     break
 
