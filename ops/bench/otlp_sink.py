@@ -1,10 +1,11 @@
 """A stand-in OpenTelemetry collector: accepts OTLP/HTTP trace exports and counts the spans.
 
 The benchmark runs the worker with tracing on, as in production (``OTEL_TRACES_EXPORTER=otlp``,
-the default sampler, a ``BatchSpanProcessor``), so that the worker pays for every span it makes,
-for serialising it and for sending it; the sink answers each export at once and keeps the bodies,
-counting their spans only when asked (between measurements: parsing them while a scenario runs
-would delay the runner's own timestamps), so the run proves that spans really left the worker.
+the default sampler, OTLP/HTTP export from the event loop), so that the worker pays for every
+span it makes, for serialising it and for sending it; the sink answers each export at once and
+keeps the bodies, counting their spans only when asked (between measurements: parsing them while
+a scenario runs would delay the runner's own timestamps), so the run proves that spans really
+left the worker.
 """
 
 from __future__ import annotations
