@@ -134,7 +134,7 @@ class Observer:
             if headers and "traceparent" in headers
             else None
         )
-        parent_span = trace.get_current_span(parent).get_span_context() if parent else None
+        parent_span = None if parent is None else trace.get_current_span(parent).get_span_context()
         span: Span
         if self._head.sampled(parent_span):
             attributes = self._consumer_attributes(message)

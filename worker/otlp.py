@@ -16,11 +16,13 @@ Protobuf parses concatenated messages as one whose repeated fields are appended,
 the concatenation of its chunks' requests (each names the resource once; collectors take it).
 Encoding each span on its own instead cost 60 µs more per command at the default ratio, the
 resource being encoded again for every span.
-A failed POST is retried (429, 502, 503, 504, or no answer) after 1, 2, 4 s, then dropped and
-logged; spans dropped for a full queue are counted and logged.  Configured by the standard
-variables (read by :mod:`worker.telemetry`): endpoint, headers, timeout (seconds, as the Python
-SDK reads it), ``gzip`` compression, CA and client certificates; ``OTEL_BSP_MAX_QUEUE_SIZE``,
-``OTEL_BSP_SCHEDULE_DELAY`` (ms) and ``OTEL_BSP_MAX_EXPORT_BATCH_SIZE``.
+
+A failed POST is retried (429, 502, 503, 504, or no answer) after 1, 2, 4 s, then dropped; spans
+dropped, for that or for a full queue, are counted (:attr:`LoopSpanProcessor.dropped`) and the
+first drop is logged.  Configured by the standard variables (:meth:`OtlpHttp.from_env`):
+endpoint, headers, timeout (seconds, as the Python SDK reads it), ``gzip`` compression, CA and
+client certificates; ``OTEL_BSP_MAX_QUEUE_SIZE``, ``OTEL_BSP_SCHEDULE_DELAY`` (ms) and
+``OTEL_BSP_MAX_EXPORT_BATCH_SIZE``.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ log = logging.getLogger("worker.telemetry")
 DEFAULT_ENDPOINT = "http://localhost:4318/v1/traces"
 RETRY_STATUSES = frozenset({429, 502, 503, 504})
 RETRY_DELAYS_S = (1.0, 2.0, 4.0)
-ENCODE_CHUNK = 8  # spans encoded without yielding to the loop (0.1 to 0.3 ms each in the worker)
+ENCODE_CHUNK = 8  # spans encoded between two yields to the event loop
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,26 +77,19 @@ class OtlpHttp:
             "CREDENTIAL_PROVIDER" in name for name in environ
         ):
             return None
+
+        def bsp(name: str, default: float) -> float:
+            return _number(environ.get(f"OTEL_BSP_{name}", ""), f"OTEL_BSP_{name}", default)
+
         return cls(
             endpoint=endpoint or DEFAULT_ENDPOINT,
             headers=dict(parse_env_headers(get("HEADERS"), liberal=True)),
             timeout_s=_number(get("TIMEOUT"), "OTEL_EXPORTER_OTLP_TIMEOUT", 10.0),
             gzip=compression == "gzip",
             tls=_tls(get("CERTIFICATE"), get("CLIENT_CERTIFICATE"), get("CLIENT_KEY")),
-            max_queue=int(
-                _number(environ.get("OTEL_BSP_MAX_QUEUE_SIZE", ""), "OTEL_BSP_MAX_QUEUE_SIZE", 2048)
-            ),
-            batch=int(
-                _number(
-                    environ.get("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", ""),
-                    "OTEL_BSP_MAX_EXPORT_BATCH_SIZE",
-                    batch,
-                )
-            ),
-            delay_s=_number(
-                environ.get("OTEL_BSP_SCHEDULE_DELAY", ""), "OTEL_BSP_SCHEDULE_DELAY", 5000
-            )
-            / 1000,
+            max_queue=int(bsp("MAX_QUEUE_SIZE", 2048)),
+            batch=int(bsp("MAX_EXPORT_BATCH_SIZE", batch)),
+            delay_s=bsp("SCHEDULE_DELAY", 5000) / 1000,
         )
 
 
@@ -120,7 +115,7 @@ def _tls(ca: str, cert: str, key: str) -> ssl.SSLContext | None:
 
 
 class LoopSpanProcessor(SpanProcessor):
-    """Encodes sampled spans as they end and posts them in batches, all in the event loop.
+    """Queues sampled spans as they end; encodes and posts them in batches, in the event loop.
 
     Spans must end in the loop's thread (the worker's all do).
     """

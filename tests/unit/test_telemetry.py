@@ -22,7 +22,7 @@ from tests.unit.test_pipeline import FakeProvider, make, role
 from worker.gate import BreakerState, Gate
 from worker.metrics import Metrics
 from worker.observe import Observer
-from worker.otlp import LoopSpanProcessor
+from worker.otlp import LoopSpanProcessor, OtlpHttp
 from worker.pipeline import Delivery, Outcome
 from worker.retry import RetryState
 from worker.sampling import HeadSampler
@@ -97,6 +97,27 @@ def test_export_batches_are_small_unless_configured() -> None:
     assert tracing_config(endpoint).export_batch == 64
     configured = {**endpoint, "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "512"}
     assert tracing_config(configured).export_batch is None
+
+
+def test_the_loop_exporter_reads_the_standard_variables() -> None:
+    """Headers, timeout, gzip and OTEL_BSP_* as the SDK reads them; traces-specific ones win."""
+    config = OtlpHttp.from_env(
+        {
+            "OTEL_EXPORTER_OTLP_HEADERS": "a=1,b=2%203",
+            "OTEL_EXPORTER_OTLP_TRACES_HEADERS": "c=4",
+            "OTEL_EXPORTER_OTLP_TIMEOUT": "2.5",
+            "OTEL_EXPORTER_OTLP_COMPRESSION": "gzip",
+            "OTEL_BSP_MAX_QUEUE_SIZE": "100",
+            "OTEL_BSP_SCHEDULE_DELAY": "250",
+        },
+        "http://c:4318/v1/traces",
+        batch=64,
+    )
+    assert config is not None
+    assert (config.headers, config.timeout_s, config.gzip) == ({"c": "4"}, 2.5, True)
+    assert (config.max_queue, config.batch, config.delay_s) == (100, 64, 0.25)
+    with pytest.raises(ValueError, match="OTEL_BSP_MAX_QUEUE_SIZE"):
+        OtlpHttp.from_env({"OTEL_BSP_MAX_QUEUE_SIZE": "many"}, None, batch=64)
 
 
 def test_grpc_keeps_the_endpoint_and_traces_endpoint_wins() -> None:
