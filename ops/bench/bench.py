@@ -159,31 +159,29 @@ def write(results: dict[str, Any], out: Path, markdown_path: str | None) -> None
 
 
 async def run_scenarios(ctx: Ctx, scenarios: list[str], results: dict[str, Any]) -> None:
-    """One sandbox per latency; the zero-latency one serves drain and p99."""
+    """One sandbox per latency.  Drain pairs and latency100 runs alternate (the host's speed
+    drifts within minutes), and each is judged by its median; p99 follows the drains."""
     args = ctx.args
     scen = results["scenarios"]
-    if "drain" in scenarios or "p99" in scenarios:
-        async with sandbox_at(ctx, 0.0) as sandbox:
-            if "drain" in scenarios:
-                scen["drain"] = {
-                    "runs": [await drain_pair(ctx, sandbox, i) for i in range(args.repeat)]
-                }
-            if "p99" in scenarios:
-                await p99(ctx, sandbox, scen)
-    if "latency100" in scenarios:
-        async with sandbox_at(ctx, args.latency_ms) as sandbox:
-            spec = DrainSpec(
-                "latency100",
-                "worker",
-                sandbox,
-                args.commands,
-                args.warmup,
-                args.prefetch_latency,
-                args.pool_size,
-                profile=args.profile,
-                max_window_s=args.max_window_s,
-            )
-            scen["latency100"] = await drain(ctx, spec)
+    async with contextlib.AsyncExitStack() as stack:
+        zero = slow = None
+        if "drain" in scenarios or "p99" in scenarios:
+            zero = await stack.enter_async_context(sandbox_at(ctx, 0.0))
+        if "latency100" in scenarios:
+            slow = await stack.enter_async_context(sandbox_at(ctx, args.latency_ms))
+        pairs: list[dict[str, Any]] = []
+        slows: list[dict[str, Any]] = []
+        for i in range(args.repeat):
+            if zero is not None and "drain" in scenarios:
+                pairs.append(await drain_pair(ctx, zero, i))
+            if slow is not None:
+                slows.append(await drain(ctx, latency_spec(ctx, slow, i)))
+        if pairs:
+            scen["drain"] = {"runs": pairs}
+        if slows:
+            scen["latency100"] = median_run(slows)
+        if zero is not None and "p99" in scenarios:
+            await p99(ctx, zero, scen)
     if "rss" in scenarios:
         async with sandbox_at(ctx, args.rss_latency_ms) as sandbox:
             spec = DrainSpec(
@@ -198,6 +196,30 @@ async def run_scenarios(ctx: Ctx, scenarios: list[str], results: dict[str, Any])
                 max_window_s=120.0,
             )
             scen["rss"] = await drain(ctx, spec)
+
+
+def latency_spec(ctx: Ctx, sandbox: SandboxProc, index: int) -> DrainSpec:
+    args = ctx.args
+    return DrainSpec(
+        "latency100" + (f"-{index + 1}" if args.repeat > 1 else ""),
+        "worker",
+        sandbox,
+        args.commands,
+        args.warmup,
+        args.prefetch_latency,
+        args.pool_size,
+        profile=args.profile,
+        max_window_s=args.max_window_s,
+    )
+
+
+def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run of median throughput, with every run's throughput beside it."""
+    ordered = sorted(runs, key=lambda r: r["throughput_cmd_s"])
+    median = dict(ordered[(len(ordered) - 1) // 2])
+    if len(runs) > 1:
+        median["repeats_cmd_s"] = [r["throughput_cmd_s"] for r in runs]
+    return median
 
 
 @contextlib.asynccontextmanager
