@@ -2,8 +2,9 @@
 
 The SDK's ``Tracer.start_span`` asks its sampler only after reading the parent, making ids, a
 sampling result and a span context, and counting the span for its own metrics: ≈ 2.4 µs in a hot
-loop and several times that in the worker's loop, for every command, though at the default ratio
-nine in ten are dropped (ops/bench/RESULTS.md).  :class:`HeadSampler` decides first; only a
+loop, for every command, though at the default ratio nine in ten are dropped.  With every command
+dropped, tracing cost the worker 40–70 µs per command in the benchmark's drains before this, and
+nothing measurable after (ops/bench/RESULTS.md).  :class:`HeadSampler` decides first; only a
 sampled command reaches the SDK (whose sampler is then ``ALWAYS_ON``).  A dropped command still
 gets a span context, so its ``traceparent`` travels on to the provider and the result event.
 

@@ -159,7 +159,7 @@ def make_processors(config: TracingConfig, environ: Mapping[str, str]) -> list[S
     processors: list[SpanProcessor] = []
     if "console" in config.exporters:
         console = ConsoleSpanExporter(service_name=config.service_name)
-        processors.append(BatchSpanProcessor(console))
+        processors.append(BatchSpanProcessor(console, max_export_batch_size=config.export_batch))
     if "otlp" in config.exporters:
         batch = config.export_batch or DEFAULT_EXPORT_BATCH
         http = (
