@@ -75,6 +75,13 @@ def traceparent(ctx: SpanContext) -> str:
     return f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{ctx.trace_flags:02x}"
 
 
+def _trace_id(watch: Watch, message: AbstractIncomingMessage) -> str | None:
+    """The command's trace id: its span's, or (tracing off) the publisher's."""
+    if watch.span is not None:
+        return f"{watch.span.get_span_context().trace_id:032x}"
+    return _incoming_trace_id(message.headers)
+
+
 def _incoming_trace_id(headers: Mapping[str, Any] | None) -> str | None:
     """The trace id of a well-formed incoming ``traceparent`` (for logs when tracing is off)."""
     value = headers.get("traceparent") if headers else None
@@ -91,7 +98,6 @@ class Watch:
     received_at: float  # epoch seconds
     span: Span | None = None
     token: Token[Context] | None = None
-    trace_id: str | None = None
     first_delivery: bool = True  # not back from a broker-held retry delay
 
 
@@ -127,7 +133,6 @@ class Observer:
         watch = Watch(time.perf_counter(), time.time())
         tracer = self.tracer
         if tracer is None:
-            watch.trace_id = _incoming_trace_id(headers)
             return watch
         parent = (
             _PROPAGATOR.extract(headers, getter=_GETTER)
@@ -141,7 +146,6 @@ class Observer:
             span = tracer.start_span(self._span_name, parent, SpanKind.CONSUMER, attributes)
         else:
             span = NonRecordingSpan(self._head.dropped(parent_span))
-        watch.trace_id = f"{span.get_span_context().trace_id:032x}"
         watch.span = span
         watch.token = context.attach(trace.set_span_in_context(span))
         return watch
@@ -180,7 +184,6 @@ class Observer:
             "attempts": outcome.retry.attempts if outcome.retry else event.get("attempts", 0),
             "error_code": (event.get("error") or {}).get("code"),
             "duration_ms": round((time.perf_counter() - watch.started) * 1000.0, 3),
-            "trace_id": watch.trace_id,
         }
         self._count(watch, message, outcome, fields, settled)
         span = watch.span
@@ -188,6 +191,7 @@ class Observer:
             _describe(span, outcome, fields)
         level = self._success_level if outcome.status == "succeeded" else logging.INFO
         if settled and log.isEnabledFor(level):
+            fields["trace_id"] = _trace_id(watch, message)  # only a log line needs it
             if deferred:
                 fields["delay_s"] = round(outcome.defer_s or 0.0, 3)
                 name = "command.deferred"

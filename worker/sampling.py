@@ -3,10 +3,11 @@
 The SDK's ``Tracer.start_span`` asks its sampler only after reading the parent, making ids, a
 sampling result and a span context, and counting the span for its own metrics: ≈ 2.4 µs in a hot
 loop, for every command, though at the default ratio nine in ten are dropped.  With every command
-dropped, tracing cost the worker 40–70 µs per command in the benchmark's drains before this, and
-nothing measurable after (ops/bench/RESULTS.md).  :class:`HeadSampler` decides first; only a
-sampled command reaches the SDK (whose sampler is then ``ALWAYS_ON``).  A dropped command still
-gets a span context, so its ``traceparent`` travels on to the provider and the result event.
+dropped, the worker's drains cost 616–632 µs per command before this against 530–598 with tracing
+off, and 548–578 after against 524–578 (ops/bench/RESULTS.md).  :class:`HeadSampler` decides
+first; only a sampled command reaches the SDK (whose sampler is then ``ALWAYS_ON``).  A dropped
+command still gets a span context, so its ``traceparent`` travels on to the provider and the
+result event.
 
 The rules are those of the ``OTEL_TRACES_SAMPLER`` values it stands for::
 

@@ -39,6 +39,7 @@ from .otlp_sink import OtlpSink
 from .procs import (
     SCENARIOS,
     BenchError,
+    Kind,
     console,
     server_pids,
     stop_all,
@@ -175,7 +176,10 @@ async def run_scenarios(ctx: Ctx, scenarios: list[str], results: dict[str, Any])
             if zero is not None and "drain" in scenarios:
                 pairs.append(await drain_pair(ctx, zero, i))
             if slow is not None:
-                slows.append(await drain(ctx, latency_spec(ctx, slow, i)))
+                spec = drain_spec(
+                    ctx, "latency100", "worker", slow, index=i, prefetch=args.prefetch_latency
+                )
+                slows.append(await drain(ctx, spec))
         if pairs:
             scen["drain"] = {"runs": pairs}
         if slows:
@@ -198,15 +202,18 @@ async def run_scenarios(ctx: Ctx, scenarios: list[str], results: dict[str, Any])
             scen["rss"] = await drain(ctx, spec)
 
 
-def latency_spec(ctx: Ctx, sandbox: SandboxProc, index: int) -> DrainSpec:
+def drain_spec(
+    ctx: Ctx, name: str, kind: Kind, sandbox: SandboxProc, *, index: int, prefetch: int
+) -> DrainSpec:
+    """A drain of ``--commands`` with the run's settings; ``index`` numbers repeated runs."""
     args = ctx.args
     return DrainSpec(
-        "latency100" + (f"-{index + 1}" if args.repeat > 1 else ""),
-        "worker",
+        name + (f"-{index + 1}" if args.repeat > 1 else ""),
+        kind,
         sandbox,
         args.commands,
         args.warmup,
-        args.prefetch_latency,
+        prefetch,
         args.pool_size,
         profile=args.profile,
         max_window_s=args.max_window_s,
@@ -233,20 +240,10 @@ async def sandbox_at(ctx: Ctx, latency_ms: float) -> AsyncIterator[SandboxProc]:
 
 async def drain_pair(ctx: Ctx, sandbox: SandboxProc, index: int) -> dict[str, Any]:
     """The floor, then the worker, on the same sandbox and the same command mix."""
-    args = ctx.args
-    suffix = f"-{index + 1}" if args.repeat > 1 else ""
     pair: dict[str, Any] = {}
     for kind in ("floor", "worker"):
-        spec = DrainSpec(
-            f"drain-{kind}{suffix}",
-            kind,
-            sandbox,
-            args.commands,
-            args.warmup,
-            args.prefetch,
-            args.pool_size,
-            profile=args.profile,
-            max_window_s=args.max_window_s,
+        spec = drain_spec(
+            ctx, f"drain-{kind}", kind, sandbox, index=index, prefetch=ctx.args.prefetch
         )
         pair[kind] = await drain(ctx, spec)
     return pair

@@ -215,6 +215,7 @@ async def stage(ctx: Ctx, name: str, sandbox: SandboxProc) -> AsyncIterator[Stag
     results_queue = f"{prefix}.bench-results"
     collector = ResultCollector()
     channel = await ctx.connection.channel()
+    marks = await applied_marks(ctx)
     try:
         await worker_topology.declare(ctx.channel, topology)
         queue = await channel.declare_queue(results_queue, exclusive=True, durable=False)
@@ -235,24 +236,34 @@ async def stage(ctx: Ctx, name: str, sandbox: SandboxProc) -> AsyncIterator[Stag
             await worker_topology.delete(ctx.channel, topology)
         except Exception as exc:  # the channel may be gone: say so, go on
             console.print(f"[yellow]could not delete the topology {prefix}.*: {exc!r}")
-        await delete_dedup_keys(ctx, prefix)
+        await delete_dedup_keys(ctx, prefix, marks)
 
 
-async def delete_dedup_keys(ctx: Ctx, prefix: str) -> int:
-    """The worker's ``cw:dedup:<command id>`` keys of this scenario."""
+APPLIED = "cw:applied:*"  # the worker's per-target marks (kept a day), not named by command
+
+
+async def delete_dedup_keys(ctx: Ctx, prefix: str, before: frozenset[bytes] | None) -> int:
+    """The worker's ``cw:dedup:<command id>`` keys of this scenario, and the applied marks it
+    made: those not among ``before`` (None: the marks there before were not read, keep all)."""
     deleted = 0
+    matches = [f"cw:dedup:{prefix}-*"] + ([APPLIED] if before is not None else [])
     try:
-        batch: list[Any] = []
-        async for key in ctx.redis.scan_iter(match=f"cw:dedup:{prefix}-*", count=2000):
-            batch.append(key)
-            if len(batch) >= 2000:
-                deleted += await ctx.redis.unlink(*batch)
-                batch.clear()
-        if batch:
-            deleted += await ctx.redis.unlink(*batch)
+        for match in matches:
+            keys = [k async for k in ctx.redis.scan_iter(match=match, count=2000)]
+            keys = [k for k in keys if before is None or k not in before]
+            for offset in range(0, len(keys), 2000):
+                deleted += await ctx.redis.unlink(*keys[offset : offset + 2000])
     except Exception as exc:
         console.print(f"[yellow]could not delete the dedup keys of {prefix}: {exc!r}")
     return deleted
+
+
+async def applied_marks(ctx: Ctx) -> frozenset[bytes] | None:
+    """The applied marks already in Redis (None when it cannot be read)."""
+    try:
+        return frozenset([k async for k in ctx.redis.scan_iter(match=APPLIED, count=2000)])
+    except Exception:
+        return None
 
 
 async def queue_state(ctx: Ctx, queue: str) -> tuple[int, int]:
