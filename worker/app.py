@@ -255,11 +255,23 @@ def _url_secrets(url: str) -> list[str]:
     return [password] if password else []
 
 
+def tune_collector(threshold: int) -> None:
+    """Keep the cycle collector off what lives as long as the process, and off the hot path.
+
+    What the imports made is frozen out of the full passes, which otherwise stall the event loop
+    ~30 ms each; the young generation collects every ``threshold`` net container allocations
+    (the older generations keep their thresholds).  The commands leave no cycles behind, so a
+    pass every 700 (Python's default) only re-scanned the objects of the commands in flight
+    (ops/bench/RESULTS.md).
+    """
+    gc.freeze()
+    _, older, oldest = gc.get_threshold()
+    gc.set_threshold(threshold, older, oldest)
+
+
 async def run(settings: Settings, grace_s: float = 30.0) -> None:
     """Run until SIGTERM or SIGINT, then shut down gracefully (also while still starting)."""
-    # What the imports made lives as long as the process: keep it out of the collector's full
-    # passes, which otherwise stall the event loop ~30 ms each (ops/bench/RESULTS.md).
-    gc.freeze()
+    tune_collector(settings.gc_threshold)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
