@@ -145,6 +145,11 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
             "threshold": f"<= {MAX_P99_MS} ms",
             "pass": value <= MAX_P99_MS,
         }
+        stalled = p99.get("stalled_windows")
+        if stalled:  # run again: the broker stalled in them (bench.paced_past_stalls)
+            acceptance["3_p99_at_half_rate"]["stalled_windows_p99_ms"] = [
+                (w["latency_ms"]["p99"], w["broker_confirm_ms"]["p99"]) for w in stalled
+            ]
     rss = scen.get("rss")
     if rss:
         peak = max(rss["rss_hwm_mb"], rss["rss_peak_mb"])
