@@ -2,8 +2,8 @@
 
 Claims are taken with a short lease, so that the claim of a worker that crashes lapses quickly and
 a redelivered command is not held up for long.  A live worker keeps its claims: one background
-task renews, every ``interval_s``, each claim held longer than that.  A command that finishes
-within the interval (nearly all of them) costs no renewal at all.
+task renews, every ``interval_s``, each claim held at that moment, in one pipelined batch.  A
+command that starts and finishes between two renewals (nearly all of them) costs none.
 """
 
 from __future__ import annotations
