@@ -265,7 +265,7 @@ async def p99(ctx: Ctx, sandbox: SandboxProc, scen: dict[str, Any]) -> None:
         raise SystemExit("p99 needs the drain scenario or --rate (commands/s)")
     scen["p99"] = await paced_past_stalls(ctx, sandbox, "worker", measured / 2.0, measured)
     if ctx.args.p99_floor:
-        scen["p99_floor"] = await paced_past_stalls(ctx, sandbox, "floor", measured / 2.0, measured)
+        scen["p99_floor"] = await paced(ctx, sandbox, "floor", measured / 2.0, measured)
 
 
 async def paced_past_stalls(
