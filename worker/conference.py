@@ -162,8 +162,10 @@ class ConferenceDocument(BaseModel):
         # refuses others; asking it is ten times cheaper than walking the tree in Python.
         try:
             orjson.dumps(self.to_wire())
-        except orjson.JSONEncodeError:
-            raise ValueError("integers must be between -2**63 and 2**64 - 1") from None
+        except orjson.JSONEncodeError as exc:
+            if "Integer" in str(exc):
+                raise ValueError("integers must be between -2**63 and 2**64 - 1") from None
+            raise ValueError(f"the document cannot be sent as JSON: {exc}") from None
         return self
 
     def to_wire(self) -> dict[str, Any]:

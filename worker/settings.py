@@ -118,7 +118,7 @@ class Settings(BaseSettings):
 
     prefetch: int = Field(256, ge=1, le=2000)
     # Container allocations (net of frees) between the cycle collector's young passes; Python's
-    # default, 700, had it scan the in-flight commands' objects ~50 times a second for ~10 % of
+    # default, 700, had it scan the in-flight commands' objects ~50 times a second for 7 to 13 % of
     # the worker's CPU, and find no garbage (ops/bench/RESULTS.md, fifth session).
     gc_threshold: int = Field(10_000, ge=100)
     max_body_bytes: int = Field(256 * 1024, ge=1024)
