@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from .procs import ROOT, SCENARIOS
+from .report import BROKER_STALL_MS
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -74,8 +75,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         default=1,
         help="the worker's paced window is run again when the broker itself stalled in it"
-        " (publish → confirm p99 over 12.5 ms); every window is reported, the first without a"
-        " stall is judged",
+        f" (publish → confirm p99 over {BROKER_STALL_MS:g} ms); every window is reported, the"
+        " first without a stall is judged",
     )
     p.add_argument(
         "--p99-floor",
