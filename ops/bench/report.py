@@ -298,7 +298,9 @@ def shown(a: dict[str, Any]) -> str:
     the bound itself (0.8998 against >= 0.9 reads 0.8998, not a failing 0.90)."""
     measured = a["measured"]
     text = str(measured)
-    if isinstance(measured, float):
+    if isinstance(measured, float) and math.isnan(measured):
+        text = _fmt(measured)  # no samples: a dash, as in the other tables
+    elif isinstance(measured, float):
         for digits in (2, 3, 4):
             text = f"{measured:,.{digits}f}"
             if float(text.replace(",", "")) != a.get("bound"):
