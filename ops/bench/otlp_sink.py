@@ -24,7 +24,7 @@ class OtlpSink:
     """An aiohttp server on 127.0.0.1 (a free port); :attr:`endpoint` is the traces URL."""
 
     exports: int = 0
-    bytes: int = 0
+    bytes_received: int = 0
     _counted: int = 0
     _bodies: list[tuple[bytes, bool]] = field(default_factory=list)  # (body, gzipped), uncounted
     _runner: web.AppRunner | None = None
@@ -77,5 +77,5 @@ class OtlpSink:
         body = await request.read()
         self._bodies.append((body, request.headers.get("Content-Encoding") == "gzip"))
         self.exports += 1
-        self.bytes += len(body)
+        self.bytes_received += len(body)
         return web.Response(body=b"", content_type="application/x-protobuf")
