@@ -245,10 +245,16 @@ async def sandbox_at(ctx: Ctx, latency_ms: float) -> AsyncIterator[SandboxProc]:
         await sandbox.child.astop()
 
 
+def pair_order(index: int) -> tuple[Kind, Kind]:
+    """Floor first in even pairs, worker first in odd ones (floor, worker, worker, floor, ...):
+    a host that slows down, or speeds up, during a run no longer always favours the same side."""
+    return ("floor", "worker") if index % 2 == 0 else ("worker", "floor")
+
+
 async def drain_pair(ctx: Ctx, sandbox: SandboxProc, index: int) -> dict[str, Any]:
-    """The floor, then the worker, on the same sandbox and the same command mix."""
+    """The floor and the worker, in :func:`pair_order`, on the same sandbox and command mix."""
     pair: dict[str, Any] = {}
-    for kind in ("floor", "worker"):
+    for kind in pair_order(index):
         spec = drain_spec(
             ctx, f"drain-{kind}", kind, sandbox, index=index, prefetch=ctx.args.prefetch
         )
