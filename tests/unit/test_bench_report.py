@@ -42,8 +42,12 @@ def test_a_value_away_from_its_bound_is_printed_with_two_decimals() -> None:
     assert shown({"measured": 1.2424, "bound": 1.6}) == "1.24"
     assert shown({"measured": 1234.5, "bound": 200.0}) == "1,234.50"
     assert shown({"measured": "./scripts/bench"}) == "./scripts/bench"
+
+
+def test_a_value_on_its_bound_or_without_samples_is_printed_as_such() -> None:
+    """Exactly the bound (a pass) reads with four decimals; a window without samples, a dash."""
     assert shown({"measured": 0.9, "bound": 0.9, "inflight_max": 400}) == "0.9000 (400 in flight)"
-    assert shown({"measured": float("nan"), "bound": 25.0}) == "–"  # a window without samples
+    assert shown({"measured": float("nan"), "bound": 25.0}) == "–"
 
 
 def test_the_p99_point_carries_the_floors_p99_and_the_stalled_windows() -> None:
