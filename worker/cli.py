@@ -40,7 +40,8 @@ def run(grace_s: float) -> None:
     """
     import os
 
-    from worker import app, log, telemetry
+    from worker.app import service as app
+    from worker.observability import log, telemetry
 
     settings = _settings()
     try:
@@ -85,7 +86,7 @@ def publish(
 
     Every command is validated first; if any is invalid, nothing is published.
     """
-    from worker import publish as pub
+    from worker.operators import publish as pub
 
     settings = _settings()
     try:
@@ -114,7 +115,7 @@ def publish(
 @click.option("--keep", is_flag=True, help="Keep the demo's queues and exchanges afterwards.")
 def demo(keep: bool) -> None:
     """Run the whole path end to end against the sandbox and print the result events."""
-    from worker import demo as demo_module
+    from worker.operators import demo as demo_module
 
     sys.exit(asyncio.run(demo_module.main(keep=keep)))
 
@@ -124,7 +125,7 @@ def demo(keep: bool) -> None:
 @click.option("--directory", default="schemas", show_default=True, type=click.Path(path_type=Path))
 def schemas(check: bool, directory: Path) -> None:
     """Generate the JSON Schemas and the AsyncAPI document from the message models."""
-    from worker import contract
+    from worker.contract import schemas as contract
 
     if check:
         stale = contract.stale(directory)
@@ -136,7 +137,8 @@ def schemas(check: bool, directory: Path) -> None:
         click.echo(f"wrote {path}")
 
 
-# --- dlq: dead-letter tooling (logic in worker/dlq.py, options and output in worker/dlq_render.py)
+# --- dlq: dead-letter tooling (logic in worker/operators/dlq.py, options and output in
+# worker/operators/dlq_render.py)
 
 
 def _dlq_filters(command: click.decorators.FC) -> click.decorators.FC:
@@ -171,7 +173,7 @@ def dlq_list(as_json: bool, limit: int | None, **filters: str | None) -> None:
     import orjson
     from rich.console import Console
 
-    from worker import dlq_render as r
+    from worker.operators import dlq_render as r
 
     flt = r.filter_from(filters)
     letters, total = r.run(r.list_letters(r.target_from(_settings()), flt, limit))
@@ -189,8 +191,8 @@ def dlq_show(command_id: str) -> None:
     whose body has none)."""
     from rich.console import Console
 
-    from worker import dlq_render as r
-    from worker.dlq import Filter
+    from worker.operators import dlq_render as r
+    from worker.operators.dlq import Filter
 
     flt = Filter(ids=frozenset({command_id}))
     letters, _ = r.run(r.list_letters(r.target_from(_settings()), flt, None))
@@ -222,7 +224,7 @@ def dlq_replay(
     """
     from rich.console import Console
 
-    from worker import dlq_render as r
+    from worker.operators import dlq_render as r
 
     flt, per_s, target = r.filter_from(filters), r.rate_from(rate), r.target_from(_settings())
     if dry_run:
@@ -245,7 +247,7 @@ def dlq_replay(
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 def dlq_purge(yes: bool, limit: int | None, **filters: str | None) -> None:
     """Remove the matching dead letters for good (asks first unless --yes)."""
-    from worker import dlq_render as r
+    from worker.operators import dlq_render as r
 
     confirm = r.confirm_purge(yes)
     flt = r.filter_from(filters)

@@ -16,8 +16,8 @@ StoreUnavailable                  not a command outcome: the dedup store cannot 
 ```
 
 Third-party errors (aiohttp, pydantic, orjson) are translated into this tree once, where they
-are raised: in :mod:`worker.codec` and in :mod:`worker.providers`.  The consumer turns the
-final outcome into ack / dead-letter in exactly one place (:func:`worker.consumer.settle`).
+are raised: in :mod:`worker.contract.codec` and in :mod:`worker.providers`.  The consumer turns the
+final outcome into ack / dead-letter in exactly one place (:func:`worker.app.settle.settle`).
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from worker.errors import ProviderName
-from worker.gate import GateConfig
+from worker.pipeline.gate import GateConfig
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,7 +28,7 @@ import aio_pika
 import aiohttp
 import orjson
 
-from worker import topology
+from worker.app import topology
 from worker.sandbox import Sandbox
 from worker.settings import Settings
 

@@ -20,7 +20,7 @@ import orjson
 import redis.asyncio as aioredis
 from aio_pika.abc import AbstractChannel, AbstractConnection
 
-from worker import topology as worker_topology
+from worker.app import topology as worker_topology
 from worker.settings import Topology
 
 from .load import (

@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 with atheris.instrument_imports(include=["worker"]):
     from tests.unit import test_hostile_input as props
     from tests.unit.test_pipeline import LIMIT
-    from worker import codec
+    from worker.contract import codec
 
 STRICT = os.environ.get("CW_FUZZ_STRICT") == "1"
 if STRICT:

@@ -32,7 +32,7 @@ from tests.integration.conftest import (
     worker_env,
     worker_settings,
 )
-from worker import topology
+from worker.app import topology
 from worker.dedup.redis import APPLIED_PREFIX
 from worker.sandbox import Sandbox
 from worker.settings import Settings

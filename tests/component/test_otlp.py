@@ -12,8 +12,8 @@ from aiohttp import web
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.sdk.trace import TracerProvider
 
-from worker import otlp
-from worker.otlp import LoopSpanProcessor, OtlpHttp
+from worker.observability import otlp
+from worker.observability.otlp import LoopSpanProcessor, OtlpHttp
 
 
 @dataclass

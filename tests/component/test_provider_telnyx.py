@@ -14,8 +14,8 @@ from aiohttp import web
 from pydantic import SecretStr
 
 from tests.component.fake_provider import FakeProvider, all_text, refused_url, serving
+from worker.contract.messages import SupervisorRoleChange
 from worker.errors import ProviderRejected, ProviderUnavailable
-from worker.messages import SupervisorRoleChange
 from worker.providers.factory import make_provider
 from worker.providers.telnyx import TelnyxClient
 from worker.settings import ProviderConfig

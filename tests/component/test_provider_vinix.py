@@ -17,8 +17,8 @@ from aiohttp import web
 from pydantic import SecretStr
 
 from tests.component.fake_provider import FakeProvider, all_text, json_body, refused_url, serving
+from worker.contract.messages import ConferenceUpdate
 from worker.errors import ProviderAnswer, ProviderRejected, ProviderUnavailable, WorkerError
-from worker.messages import ConferenceUpdate
 from worker.providers.factory import make_provider
 from worker.providers.http import TRANSIENT_CODES
 from worker.providers.vinix import VinixClient

@@ -22,8 +22,8 @@ import orjson
 import pytest
 
 from ops.bench.env import worker_env as shared_worker_env
-from worker import topology
-from worker.app import Service
+from worker.app import topology
+from worker.app.service import Service
 from worker.sandbox import Sandbox
 from worker.settings import Settings
 

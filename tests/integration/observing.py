@@ -21,11 +21,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from yarl import URL
 
 from tests.integration.conftest import AMQP_URL, Bus, take, worker_settings
-from worker import topology
-from worker.app import Service
-from worker.log import JsonFormatter
+from worker.app import topology
+from worker.app.service import Service
+from worker.observability.log import JsonFormatter
+from worker.observability.telemetry import Telemetry
 from worker.sandbox import Sandbox
-from worker.telemetry import Telemetry
 
 T = TypeVar("T")
 

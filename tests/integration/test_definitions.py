@@ -23,7 +23,7 @@ from typing import Any
 import aio_pika
 import pytest
 
-from worker import topology
+from worker.app import topology
 from worker.settings import Topology
 
 pytestmark = pytest.mark.integration

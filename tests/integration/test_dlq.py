@@ -33,8 +33,9 @@ from tests.integration.conftest import (
     settled_counts,
     worker_settings,
 )
-from worker import dlq, topology
-from worker.dlq_render import Target, list_letters, target_from
+from worker.app import topology
+from worker.operators import dlq
+from worker.operators.dlq_render import Target, list_letters, target_from
 from worker.settings import Settings
 
 pytestmark = pytest.mark.integration

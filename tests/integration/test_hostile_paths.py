@@ -35,7 +35,7 @@ from tests.integration.conftest import (
     queue_counts,
     settled_counts,
 )
-from worker import codec
+from worker.contract import codec
 from worker.errors import InvalidMessage
 
 pytestmark = pytest.mark.integration

@@ -40,9 +40,9 @@ from tests.integration.observing import (
     update,
     value,
 )
-from worker import contract
+from worker.contract import schemas as contract
+from worker.observability.telemetry import Telemetry
 from worker.sandbox import Sandbox
-from worker.telemetry import Telemetry
 
 pytestmark = pytest.mark.integration
 

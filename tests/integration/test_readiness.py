@@ -23,7 +23,7 @@ from tests.integration.observing import (
     until,
     value,
 )
-from worker.app import Service
+from worker.app.service import Service
 from worker.sandbox import Sandbox
 
 pytestmark = pytest.mark.integration

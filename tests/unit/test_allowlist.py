@@ -9,9 +9,9 @@ from typing import Any
 import orjson
 import pytest
 
-from worker.allowlist import AllowList, AllowListError, Forbidden, Grant
-from worker.codec import AnyCommand, decode
+from worker.contract.codec import AnyCommand, decode
 from worker.errors import PermanentError
+from worker.pipeline.allowlist import AllowList, AllowListError, Forbidden, Grant
 
 ACCOUNT_A = "a" * 32
 ACCOUNT_B = "b" * 32

@@ -7,7 +7,7 @@ from typing import Any
 import orjson
 import pytest
 
-from worker import codec
+from worker.contract import codec
 from worker.errors import InvalidMessage
 
 ACCOUNT = "a" * 32

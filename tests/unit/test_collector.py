@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from worker.app import tune_collector
+from worker.app.service import tune_collector
 from worker.settings import Settings
 
 

@@ -23,8 +23,8 @@ from pydantic import ValidationError
 from referencing import Registry
 from referencing.jsonschema import DRAFT4
 
-from worker.conference import ConferenceDocument
-from worker.messages import ConferenceUpdate
+from worker.contract.conference import ConferenceDocument
+from worker.contract.messages import ConferenceUpdate
 
 KAZOO = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures" / "kazoo"
 pytestmark = pytest.mark.skipif(

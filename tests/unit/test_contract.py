@@ -16,13 +16,13 @@ from pydantic import TypeAdapter
 from referencing import Registry
 from referencing.jsonschema import DRAFT202012
 
-from worker import contract
-from worker.messages import Command, ResultEvent
+from worker.contract import schemas as contract
+from worker.contract.messages import Command, ResultEvent
 
 ROOT = Path(__file__).resolve().parents[2]
 CONTRACT_MD = ROOT / "CONTRACT.md"
 REGENERATE = (
-    '.venv/bin/python -c "from pathlib import Path; from worker.contract import write; '
+    '.venv/bin/python -c "from pathlib import Path; from worker.contract.schemas import write; '
     "write(Path('schemas'))\"  (or: conference-worker schemas)"
 )
 DOC_URI = "urn:asyncapi"
@@ -85,7 +85,7 @@ def examples(doc: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
 
 
 def test_schemas_directory_is_current() -> None:
-    """schemas/ holds exactly what worker/contract.py renders from the models."""
+    """schemas/ holds exactly what worker/contract/schemas.py renders from the models."""
     stale = contract.stale(ROOT / "schemas")
     assert not stale, f"schemas/ is stale ({', '.join(stale)}); regenerate with: {REGENERATE}"
 

@@ -26,9 +26,9 @@ import pytest
 import yaml
 from compose_spec import PyCompose
 
+from worker.app.topology import command_queue_arguments, dead_queue_arguments
 from worker.sandbox.fixtures import Fixtures
 from worker.settings import Topology
-from worker.topology import command_queue_arguments, dead_queue_arguments
 
 ROOT = Path(__file__).resolve().parents[2]
 OPS = ROOT / "ops"

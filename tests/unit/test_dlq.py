@@ -16,9 +16,10 @@ from aiormq import spec
 from aiormq.exceptions import DeliveryError
 from rich.console import Console
 
-from worker import consumer, dlq, dlq_render
-from worker.dlq import DeadLetter, Filter, Held
-from worker.dlq_render import TokenBucket, filter_from, parse_duration, parse_rate
+from worker.app import settle as consumer
+from worker.operators import dlq, dlq_render
+from worker.operators.dlq import DeadLetter, Filter, Held
+from worker.operators.dlq_render import TokenBucket, filter_from, parse_duration, parse_rate
 
 FAILED_AT = datetime(2024, 5, 1, 12, 0, 0, tzinfo=UTC)
 COMMAND = {"command_id": "c-1", "type": "conference.update", "conference_id": "x"}
@@ -231,7 +232,7 @@ def test_a_delayed_retry_dead_lettered_by_the_broker_keeps_its_routing_key() -> 
 
 
 def test_header_names_agree_with_the_consumer() -> None:
-    """The dead-letter and retry header names here are the ones worker.consumer writes."""
+    """The dead-letter and retry header names here are the ones worker.app.settle writes."""
     assert consumer.H_ROUTING_KEY == dlq.CARRIED_ROUTING_KEY
     assert all(name.startswith(dlq.RETRY_PREFIX) for name in consumer.RETRY_HEADERS)
 

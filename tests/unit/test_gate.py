@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from worker.gate import BreakerState, Gate, GateClosed, GateConfig
+from worker.pipeline.gate import BreakerState, Gate, GateClosed, GateConfig
 
 
 def state(g: Gate) -> BreakerState:

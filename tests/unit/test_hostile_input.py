@@ -38,10 +38,10 @@ from pydantic import SecretStr
 from yarl import URL
 
 from tests.unit.test_pipeline import LIMIT, FakeProvider, make, process
-from worker import codec
+from worker.contract import codec
+from worker.contract.messages import COMMAND_TYPES, ErrorCode, ResultEvent
 from worker.errors import InvalidMessage
-from worker.messages import COMMAND_TYPES, ErrorCode, ResultEvent
-from worker.pipeline import Outcome
+from worker.pipeline.process import Outcome
 from worker.providers import ProviderSuccess
 from worker.providers.http import JsonHttp
 from worker.providers.telnyx import TelnyxClient
@@ -265,7 +265,7 @@ def incoming(**properties: Any) -> Any:
 
 def marshal_answers(outcome: Outcome, delivery: Any = None) -> None:
     """Build the result message and the dead letter as the consumer does and marshal them."""
-    from worker.consumer import _dead_letter, _result_properties
+    from worker.app.settle import _dead_letter, _result_properties
 
     body = codec.encode(outcome.event)
     delivery = delivery or incoming()
@@ -693,7 +693,7 @@ def nested_table(depth: int) -> bytes:
 )
 def test_bug4_properties_rabbitmq_accepts_can_be_decoded(properties: bytes, flags: int) -> None:
     """Every content header RabbitMQ forwards decodes (the worker's connection must not die)."""
-    import worker.consumer  # noqa: F401  (the fix installs its pamqp hardening on import)
+    import worker.app.settle  # noqa: F401  (the fix installs its pamqp hardening on import)
 
     frame.unmarshal(content_header(properties, flags))
 
@@ -701,7 +701,7 @@ def test_bug4_properties_rabbitmq_accepts_can_be_decoded(properties: bytes, flag
 @pytest.mark.parametrize("value", [math.inf, -math.inf, math.nan])
 def test_bug5_non_finite_retry_header_does_not_crash_delivery_of(value: float) -> None:
     """A cw-attempts: inf/NaN header (even on a message back from our delay) is ignored."""
-    from worker.consumer import delivery_of
+    from worker.app.settle import delivery_of
 
     message = incoming(body=orjson.dumps(ROLE), exchange="", headers={"cw-attempts": value})
     delivery_of(message)
@@ -709,7 +709,7 @@ def test_bug5_non_finite_retry_header_does_not_crash_delivery_of(value: float) -
 
 def test_bug5_publisher_cannot_forge_retry_state() -> None:
     """Retry headers on a message a publisher sent (not back from our delay) are ignored."""
-    from worker.consumer import delivery_of
+    from worker.app.settle import delivery_of
 
     forged = {"cw-attempts": 99, "cw-not-before": 1e18, "cw-budget-used-s": 1e9}
     message = incoming(body=orjson.dumps(ROLE), exchange="conference.commands", headers=forged)
@@ -719,7 +719,7 @@ def test_bug5_publisher_cannot_forge_retry_state() -> None:
 
 async def test_bug6_header_bytes_survive_into_the_dead_letter() -> None:
     """A long-string header that is not UTF-8 (as decoded off the wire) can be dead-lettered."""
-    import worker.consumer  # noqa: F401  (the fix installs its pamqp hardening on import)
+    import worker.app.settle  # noqa: F401  (the fix installs its pamqp hardening on import)
 
     entry = b"\x04blobS" + struct.pack(">I", 2) + b"\xff\xfe"
     table = struct.pack(">I", len(entry)) + entry

@@ -9,7 +9,7 @@ import sys
 import orjson
 import pytest
 
-from worker import log
+from worker.observability import log
 
 FIELDS: dict[str, object] = {
     "command_id": "c-1",

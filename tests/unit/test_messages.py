@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from pydantic import TypeAdapter, ValidationError
 
-from worker.messages import Command, ConferenceUpdate, SupervisorRoleChange
+from worker.contract.messages import Command, ConferenceUpdate, SupervisorRoleChange
 
 COMMAND: TypeAdapter[ConferenceUpdate | SupervisorRoleChange] = TypeAdapter(Command)
 UUID = "3fa85f64-5717-4562-b3fc-2c963f66afa6"

@@ -12,10 +12,10 @@ import pytest
 
 from worker.dedup.memory import MemoryDedupStore
 from worker.errors import ProviderAnswer, ProviderName, ProviderRejected, ProviderUnavailable
-from worker.gate import Gate, GateConfig
-from worker.pipeline import Delivery, Outcome, Pipeline
+from worker.pipeline.gate import Gate, GateConfig
+from worker.pipeline.process import Delivery, Outcome, Pipeline
+from worker.pipeline.retry import Retrier, RetryState
 from worker.providers import ProviderSuccess
-from worker.retry import Retrier, RetryState
 from worker.settings import DedupConfig, RetryPolicy
 
 LIMIT = 256 * 1024

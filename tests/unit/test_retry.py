@@ -8,9 +8,9 @@ from typing import Any
 import pytest
 
 from worker.errors import ProviderAnswer, ProviderName, ProviderRejected, ProviderUnavailable
-from worker.gate import BreakerState, Gate, GateConfig
+from worker.pipeline.gate import BreakerState, Gate, GateConfig
+from worker.pipeline.retry import Attempted, Retrier, RetryState, backoff_delay, next_delay
 from worker.providers import ProviderSuccess
-from worker.retry import Attempted, Retrier, RetryState, backoff_delay, next_delay
 from worker.settings import RetryPolicy
 
 OK = ProviderSuccess({"result": "ok"}, ProviderAnswer("telnyx", 200))

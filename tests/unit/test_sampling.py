@@ -7,7 +7,7 @@ import random
 import pytest
 from opentelemetry.trace import SpanContext, TraceFlags, TraceState
 
-from worker.sampling import HeadSampler
+from worker.observability.sampling import HeadSampler
 
 TRACE_ID = 0x0AF7651916CD43DD8448EB211C80319C
 PARENT_ID = 0xB7AD6B7169203331

@@ -7,8 +7,8 @@ from typing import Any
 
 from aiormq.exceptions import ChannelInvalidStateError
 
-from worker.consumer import settle
-from worker.pipeline import Outcome
+from worker.app.settle import settle
+from worker.pipeline.process import Outcome
 
 
 class FakeMessage:

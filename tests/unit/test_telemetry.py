@@ -19,14 +19,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from yarl import URL
 
 from tests.unit.test_pipeline import FakeProvider, make, role
-from worker.gate import BreakerState, Gate
-from worker.metrics import Metrics
-from worker.observe import Observer
-from worker.otlp import LoopSpanProcessor, OtlpHttp
-from worker.pipeline import Delivery, Outcome
-from worker.retry import RetryState
-from worker.sampling import HeadSampler
-from worker.telemetry import (
+from worker.observability.metrics import Metrics
+from worker.observability.observe import Observer
+from worker.observability.otlp import LoopSpanProcessor, OtlpHttp
+from worker.observability.sampling import HeadSampler
+from worker.observability.telemetry import (
     DEFAULT_RATIO,
     Telemetry,
     TracingConfig,
@@ -34,6 +31,9 @@ from worker.telemetry import (
     make_processors,
     tracing_config,
 )
+from worker.pipeline.gate import BreakerState, Gate
+from worker.pipeline.process import Delivery, Outcome
+from worker.pipeline.retry import RetryState
 
 TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
 PARENT_ID = "b7ad6b7169203331"
@@ -369,7 +369,7 @@ def test_registries_are_private() -> None:
 
 
 def _command() -> Any:
-    from worker import codec
+    from worker.contract import codec
 
     return codec.decode(role(), 1 << 20)
 

@@ -5,14 +5,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from worker.settings import Topology
-from worker.topology import (
+from worker.app.topology import (
     COMMAND_BINDING,
     DEAD_BINDING,
     command_queue_arguments,
     dead_queue_arguments,
     delay_queue_arguments,
 )
+from worker.settings import Topology
 
 DEFINITIONS = Path(__file__).resolve().parents[2] / "ops" / "rabbitmq" / "definitions.json"
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from worker.contract.messages import ConferenceUpdate, SupervisorRoleChange
 from worker.errors import ProviderAnswer, ProviderName
-from worker.messages import ConferenceUpdate, SupervisorRoleChange
 
 
 @dataclass(frozen=True, slots=True)

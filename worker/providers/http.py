@@ -174,7 +174,7 @@ def new_request_id() -> str:
 
 
 class RequestObserver(Protocol):
-    """Traces and times provider requests (:class:`worker.observe.Observer`)."""
+    """Traces and times provider requests (:class:`worker.observability.observe.Observer`)."""
 
     def request_started(
         self, provider: str, method: str, url: URL, headers: Mapping[str, str]

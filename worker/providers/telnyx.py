@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from worker.contract.messages import SupervisorRoleChange
 from worker.errors import ProviderAnswer, ProviderName
-from worker.messages import SupervisorRoleChange
 from worker.providers import ProviderSuccess
 from worker.providers.http import (
     JsonHttp,

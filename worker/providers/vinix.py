@@ -17,8 +17,8 @@ from typing import Any
 
 from yarl import URL
 
+from worker.contract.messages import ConferenceUpdate
 from worker.errors import ProviderAnswer, ProviderName, ProviderUnavailable, WorkerError
-from worker.messages import ConferenceUpdate
 from worker.providers import ProviderSuccess
 from worker.providers.http import (
     HttpAnswer,

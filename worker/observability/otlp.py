@@ -40,7 +40,7 @@ from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
 from opentelemetry.util.re import parse_env_headers
 
-log = logging.getLogger("worker.telemetry")
+log = logging.getLogger("worker.observability.telemetry")
 
 DEFAULT_ENDPOINT = "http://localhost:4318/v1/traces"
 RETRY_STATUSES = frozenset({429, 502, 503, 504})

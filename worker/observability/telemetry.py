@@ -8,7 +8,8 @@
   is set, else ``none``.  ``OTEL_SDK_DISABLED=true`` means ``none``.
 - ``OTEL_EXPORTER_OTLP_PROTOCOL`` (or ``..._TRACES_PROTOCOL``): ``http/protobuf`` (default) or
   ``grpc``.  OTLP/HTTP spans are encoded and posted from the event loop
-  (:class:`worker.otlp.LoopSpanProcessor`: no exporter thread to take the GIL from the loop),
+  (:class:`~worker.observability.otlp.LoopSpanProcessor`: no exporter thread to take the GIL
+  from the loop),
   which reads the usual ``OTEL_EXPORTER_OTLP_*`` headers, timeout, ``gzip`` compression and
   certificates, and ``OTEL_BSP_*``.  grpc, ``deflate`` or a credential provider use the SDK's
   exporter behind a ``BatchSpanProcessor`` thread instead.  ``OTEL_BSP_MAX_EXPORT_BATCH_SIZE``
@@ -17,12 +18,13 @@
 - ``OTEL_TRACES_SAMPLER`` (default ``parentbased_traceidratio``) and ``OTEL_TRACES_SAMPLER_ARG``
   (default :data:`DEFAULT_RATIO`): a publisher's sampling decision is followed; commands that
   arrive without one are sampled at the ratio.  The decision is the observer's
-  (:class:`worker.sampling.HeadSampler`, :attr:`Telemetry.head`), made before the SDK builds
-  anything; the SDK's own sampler is ``ALWAYS_ON`` for what it is then asked to record.
+  (:class:`~worker.observability.sampling.HeadSampler`, :attr:`Telemetry.head`), made before the
+  SDK builds anything; the SDK's own sampler is ``ALWAYS_ON`` for what it is then asked to record.
 - ``OTEL_SERVICE_NAME`` (default ``conference-worker``), ``OTEL_RESOURCE_ATTRIBUTES``.
 
 With tracing off :attr:`Telemetry.tracer` is None and the hot path skips every span.  Metrics
-always go to a Prometheus registry of this object's own (:class:`worker.metrics.Metrics`).
+always go to a Prometheus registry of this object's own
+(:class:`worker.observability.metrics.Metrics`).
 """
 
 from __future__ import annotations
@@ -47,11 +49,11 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.sdk.trace.sampling import ALWAYS_ON
 from opentelemetry.trace import Tracer
 
-from worker.metrics import Metrics
-from worker.otlp import LoopSpanProcessor, OtlpHttp
-from worker.sampling import HeadSampler
+from worker.observability.metrics import Metrics
+from worker.observability.otlp import LoopSpanProcessor, OtlpHttp
+from worker.observability.sampling import HeadSampler
 
-log = logging.getLogger("worker.telemetry")
+log = logging.getLogger("worker.observability.telemetry")
 
 DEFAULT_RATIO = 0.1
 DEFAULT_EXPORT_BATCH = 64

@@ -18,8 +18,8 @@ import asyncio
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-from worker.codec import AnyCommand
-from worker.messages import ConferenceUpdate
+from worker.contract.codec import AnyCommand
+from worker.contract.messages import ConferenceUpdate
 
 Target = tuple[str, str, str]
 

@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-log = logging.getLogger("worker.gate")
+log = logging.getLogger("worker.pipeline.gate")
 
 
 class BreakerState(enum.IntEnum):

@@ -16,8 +16,8 @@ from typing import Any
 import orjson
 from pydantic import TypeAdapter, ValidationError
 
+from worker.contract.messages import COMMAND_TYPES, Command, ConferenceUpdate, SupervisorRoleChange
 from worker.errors import InvalidMessage
-from worker.messages import COMMAND_TYPES, Command, ConferenceUpdate, SupervisorRoleChange
 
 AnyCommand = ConferenceUpdate | SupervisorRoleChange
 

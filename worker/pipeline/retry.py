@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from worker.errors import DeadlineExceeded, PermanentError, ProviderUnavailable, TransientError
-from worker.gate import Gate, GateClosed
+from worker.pipeline.gate import Gate, GateClosed
 from worker.providers import Provider, ProviderSuccess
 from worker.settings import RetryPolicy
 

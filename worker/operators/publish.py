@@ -8,7 +8,7 @@ from typing import Any
 import aio_pika
 import orjson
 
-from worker import codec
+from worker.contract import codec
 from worker.errors import InvalidMessage
 
 

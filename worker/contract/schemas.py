@@ -1,4 +1,4 @@
-"""The language-neutral contract in ``schemas/``, generated from :mod:`worker.messages`.
+"""The language-neutral contract in ``schemas/``, generated from :mod:`worker.contract.messages`.
 
 :func:`render` builds one JSON Schema (2020-12) per command, the command union (``oneOf`` with a
 discriminator on ``type``), the result event, and an AsyncAPI 3.0.0 document of the RabbitMQ
@@ -18,7 +18,13 @@ import yaml
 from pydantic import BaseModel, TypeAdapter
 from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
-from worker.messages import (
+from worker.app.topology import (
+    COMMAND_BINDING,
+    DEAD_BINDING,
+    command_queue_arguments,
+    dead_queue_arguments,
+)
+from worker.contract.messages import (
     COMMAND_TYPES,
     CONTRACT_VERSION,
     Command,
@@ -29,12 +35,6 @@ from worker.messages import (
     SupervisorRoleChange,
 )
 from worker.settings import Topology
-from worker.topology import (
-    COMMAND_BINDING,
-    DEAD_BINDING,
-    command_queue_arguments,
-    dead_queue_arguments,
-)
 
 BASE_URI = f"https://conference-worker.dev/schemas/v{CONTRACT_VERSION}/"
 DIALECT = "https://json-schema.org/draft/2020-12/schema"
@@ -100,7 +100,7 @@ def asyncapi() -> dict[str, Any]:
             "title": "conference-worker",
             "version": CONTRACT_VERSION,
             "description": "The wire contract of the conference worker (CONTRACT.md). Generated "
-            "from worker/messages.py by `conference-worker schemas`; do not edit.",
+            "from worker/contract/messages.py by `conference-worker schemas`; do not edit.",
             "license": {"name": "MIT"},
         },
         "defaultContentType": "application/json",

@@ -24,8 +24,8 @@ from prometheus_client import (
 )
 from prometheus_client.metrics import MetricWrapperBase
 
-from worker.gate import BreakerState
-from worker.messages import COMMAND_TYPES, ErrorCode, Status
+from worker.contract.messages import COMMAND_TYPES, ErrorCode, Status
+from worker.pipeline.gate import BreakerState
 
 M = TypeVar("M", bound=MetricWrapperBase)
 

@@ -22,14 +22,14 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from aiohttp import web
 
-from worker.metrics import CONTENT_TYPE, Metrics
+from worker.observability.metrics import CONTENT_TYPE, Metrics
 
 if TYPE_CHECKING:
     from aio_pika.abc import AbstractRobustConnection
 
-    from worker.consumer import Consumer
+    from worker.app.settle import Consumer
 
-log = logging.getLogger("worker.health")
+log = logging.getLogger("worker.app.health")
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,7 +195,7 @@ class HealthServer:
 
     async def _asyncapi_yaml(self, _: web.Request) -> web.Response:
         if self._asyncapi is None:
-            from worker import contract
+            from worker.contract import schemas as contract
 
             text = await asyncio.to_thread(lambda: contract.render()[contract.ASYNCAPI])
             self._asyncapi = text.encode()

@@ -21,23 +21,23 @@ import aio_pika
 from aio_pika.abc import AbstractRobustConnection
 from pydantic import SecretStr
 
-from worker.allowlist import AllowList
-from worker.consumer import Consumer, Publisher
+from worker.app.health import Check, HealthServer, StoreProbe, broker_check, report
+from worker.app.settle import Consumer, Publisher
+from worker.app.topology import declare
 from worker.dedup import DedupStore, make_dedup_store
 from worker.dedup.keeper import LeaseKeeper
 from worker.errors import ProviderName
-from worker.gate import Gate
-from worker.health import Check, HealthServer, StoreProbe, broker_check, report
-from worker.observe import Observer
-from worker.pipeline import Pipeline
+from worker.observability.observe import Observer
+from worker.observability.telemetry import Telemetry
+from worker.pipeline.allowlist import AllowList
+from worker.pipeline.gate import Gate
+from worker.pipeline.process import Pipeline
+from worker.pipeline.retry import Retrier
+from worker.pipeline.sequencer import Sequencer
 from worker.providers import Provider
 from worker.providers.factory import make_provider
-from worker.retry import Retrier
 from worker.sandbox import Sandbox
-from worker.sequencer import Sequencer
 from worker.settings import ProviderConfig, Settings
-from worker.telemetry import Telemetry
-from worker.topology import declare
 
 log = logging.getLogger("worker")
 

@@ -1,6 +1,7 @@
 """What one command and one provider request leave behind: spans, metrics, one log line.
 
-:class:`Observer` is built by the composition root from a :class:`worker.telemetry.Telemetry`.
+:class:`Observer` is built by the composition root from a
+:class:`worker.observability.telemetry.Telemetry`.
 The consumer calls :meth:`Observer.begin` when a delivery arrives (the command span, kind
 CONSUMER, continuing the publisher's ``traceparent``; it becomes the task's current span, so the
 HTTP client's spans and the result event's ``traceparent`` find it), :meth:`Observer.finish`
@@ -8,8 +9,8 @@ once the delivery is settled (span attributes, counters, the outcome log line) a
 :meth:`Observer.end` last.
 
 Cost control, since this runs for every command: with tracing off no span is made at all; a
-command that is not sampled (:class:`worker.sampling.HeadSampler` decides before the SDK is
-asked) has only a span context, made here (no attributes, no child span; the context still
+command that is not sampled (:class:`~worker.observability.sampling.HeadSampler` decides before the
+SDK is asked) has only a span context, made here (no attributes, no child span; the context still
 travels on in ``traceparent``); a sampled command makes its own span and one per provider HTTP
 request, while the dedup claim's outcome is an attribute of the command span rather than a span
 of its own and the result event carries the command span's context (half the spans, and half
@@ -35,13 +36,13 @@ from opentelemetry.trace import NonRecordingSpan, Span, SpanContext, SpanKind, S
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from yarl import URL
 
-from worker.metrics import Metrics, type_label
-from worker.telemetry import Telemetry
+from worker.observability.metrics import Metrics, type_label
+from worker.observability.telemetry import Telemetry
 
 if TYPE_CHECKING:
     from aio_pika.abc import AbstractIncomingMessage
 
-    from worker.pipeline import Outcome
+    from worker.pipeline.process import Outcome
 
 log = logging.getLogger("worker.commands")
 

@@ -4,8 +4,8 @@ Mirrors ``conferences.json`` and ``conferences.profile.json`` of 2600hz/kazoo (s
 ``shared/fixtures/kazoo``): no field is required and unknown keys are kept, as Kazoo keeps them.
 Types are checked the way Kazoo does in its default non-strict mode, which coerces ``"5"`` to an
 integer and ``"true"`` to a boolean before it gives up.  ``null`` is accepted everywhere because a
-``merge`` (HTTP PATCH) deletes a key with it; :class:`worker.messages.ConferenceUpdate` refuses
-``null`` in ``replace`` mode, where Kazoo's schema would reject it.
+``merge`` (HTTP PATCH) deletes a key with it; :class:`~worker.contract.messages.ConferenceUpdate`
+refuses ``null`` in ``replace`` mode, where Kazoo's schema would reject it.
 """
 
 from __future__ import annotations

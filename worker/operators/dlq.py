@@ -17,7 +17,8 @@ pairs may overlap (1: strictly one at a time, which a quorum queue's fsync per c
 replayed and removed; only a crash between a confirm and its ack replays one twice, and the
 worker's deduplication by ``command_id`` answers the second as a duplicate.
 
-Everything takes a channel and names; the CLI builds the settings (see :mod:`worker.dlq_render`).
+Everything takes a channel and names; the CLI builds the settings (see
+:mod:`worker.operators.dlq_render`).
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ with retries → build the result event → remember the result in the dedup sto
 :func:`Pipeline.process` always returns an :class:`Outcome`: a final result event (maybe to be
 dead-lettered) or a deferral to a broker-held delay.  The consumer asks for the last step to be
 left to it (``remember_later``) and runs it while it publishes the result; what it then does with
-the message (publish, dead-letter, delay, ack) is decided in :func:`worker.consumer.settle`.  Only
+the message (publish, dead-letter, delay, ack) is decided in :func:`worker.app.settle.settle`.  Only
 trouble that makes the message unsafe to finish (the dedup store unreachable) is waited out here.
 """
 
@@ -24,9 +24,9 @@ from typing import Any, TypeVar
 import orjson
 from opentelemetry import trace
 
-from worker import codec
-from worker.allowlist import AllowList, Forbidden
-from worker.codec import AnyCommand, Identity
+from worker.contract import codec
+from worker.contract.codec import AnyCommand, Identity
+from worker.contract.messages import COMMAND_TYPES
 from worker.dedup import Applied, Claimed, Conflict, DedupStore, Done, InProgress
 from worker.dedup.keeper import LeaseKeeper
 from worker.errors import (
@@ -36,13 +36,13 @@ from worker.errors import (
     Superseded,
     WorkerError,
 )
-from worker.gate import Gate
-from worker.messages import COMMAND_TYPES
+from worker.pipeline.allowlist import AllowList, Forbidden
+from worker.pipeline.gate import Gate
+from worker.pipeline.retry import Attempted, Retrier, RetryState
+from worker.pipeline.sequencer import Sequencer, target_key, target_of
 from worker.providers import Provider
-from worker.retry import Attempted, Retrier, RetryState
-from worker.sequencer import Sequencer, target_key, target_of
 
-log = logging.getLogger("worker.pipeline")
+log = logging.getLogger("worker.pipeline.process")
 T = TypeVar("T")
 
 _WAIT_FIRST_S = 0.02

@@ -23,8 +23,8 @@ import orjson
 from rich.console import Console
 from rich.table import Table
 
-from worker import topology
-from worker.app import Service
+from worker.app import topology
+from worker.app.service import Service
 from worker.sandbox import Sandbox
 from worker.settings import Settings
 

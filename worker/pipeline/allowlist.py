@@ -32,8 +32,8 @@ from typing import Annotated, Any
 import yaml
 from pydantic import BaseModel, ConfigDict, StringConstraints, ValidationError
 
+from worker.contract.messages import ConferenceUpdate, SupervisorRoleChange
 from worker.errors import PermanentError
-from worker.messages import ConferenceUpdate, SupervisorRoleChange
 
 ANY = "*"
 _MAX_ECHO = 100  # longest user id / target id quoted in a message

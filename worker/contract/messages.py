@@ -1,9 +1,9 @@
 """The wire contract (CONTRACT.md, version 1): the two commands and the result event.
 
 These models are the single source of the JSON Schemas and the AsyncAPI document in
-``schemas/`` (see :mod:`worker.contract`).  Commands are strict: unknown top-level fields and
-wrong JSON types are rejected.  The Vinix ``conference`` document follows Kazoo's own, more
-lenient rules (:mod:`worker.conference`).
+``schemas/`` (see :mod:`worker.contract.schemas`).  Commands are strict: unknown top-level
+fields and wrong JSON types are rejected.  The Vinix ``conference`` document follows Kazoo's
+own, more lenient rules (:mod:`worker.contract.conference`).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pydantic import (
     model_validator,
 )
 
-from worker.conference import ConferenceDocument, null_paths
+from worker.contract.conference import ConferenceDocument, null_paths
 
 CONTRACT_VERSION = "1"
 

@@ -26,13 +26,14 @@ from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMess
 from aio_pika.exceptions import CONNECTION_EXCEPTIONS
 from pamqp.commands import Basic
 
-from worker import amqp_hardening, codec
-from worker.observe import Observer, Watch
-from worker.pipeline import Delivery, Outcome, Pipeline
-from worker.retry import RetryState
+from worker.app import hardening as amqp_hardening
+from worker.contract import codec
+from worker.observability.observe import Observer, Watch
+from worker.pipeline.process import Delivery, Outcome, Pipeline
+from worker.pipeline.retry import RetryState
 from worker.settings import Topology
 
-log = logging.getLogger("worker.consumer")
+log = logging.getLogger("worker.app.settle")
 amqp_hardening.install()
 
 _MAX_HEADER_TEXT = 1000

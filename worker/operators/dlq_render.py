@@ -1,6 +1,6 @@
 """The command-line side of ``conference-worker dlq``: reading options (durations, rates, ids),
 pacing (a token bucket), output (rich tables, JSON lines, the progress bar) and the glue that
-opens one connection per command around the operations of :mod:`worker.dlq`.
+opens one connection per command around the operations of :mod:`worker.operators.dlq`.
 
 Each command uses one channel with publisher confirms and closes it at the end: the dead letters
 it browsed but did not remove go back to the queue then.
@@ -39,8 +39,8 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from worker import dlq
-from worker.dlq import DeadLetter, DeadLetterError, Filter
+from worker.operators import dlq
+from worker.operators.dlq import DeadLetter, DeadLetterError, Filter
 from worker.settings import Settings
 
 T = TypeVar("T")

@@ -1,0 +1,3 @@
+"""The FastStream application: the broker and its topology, settling deliveries, the
+composition root and its HTTP server.
+"""

@@ -1,0 +1,1 @@
+"""The wire contract: the command and result models, their codec, and the generated schemas."""

@@ -1,0 +1,1 @@
+"""The operators' tools: dead letters, publishing commands, the demo."""
