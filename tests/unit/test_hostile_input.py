@@ -16,12 +16,14 @@ only while a one-line probe shows it still reproduces, so the fix arms the full 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import os
 import re
 import struct
 from collections.abc import AsyncIterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from types import SimpleNamespace
@@ -264,14 +266,27 @@ def incoming(**properties: Any) -> Any:
 
 
 def marshal_answers(outcome: Outcome, delivery: Any = None) -> None:
-    """Build the result message and the dead letter as the consumer does and marshal them."""
-    from worker.app.settle import _dead_letter, _result_properties
+    """Build the result message and the dead letter as the worker does and marshal them.
+
+    The publish options come from :mod:`worker.app.settle`; FastStream's own encoder (the one
+    its publishers use) turns them into the AMQP message.
+    """
+    from faststream.rabbit.parser import AioPikaParser
+
+    from worker.app.settle import dead_letter_options, result_options
+
+    def message(body: bytes, options: dict[str, Any]) -> Any:
+        options = {k: v for k, v in options.items() if k != "mandatory"}
+        encoding = AioPikaParser.encode_message(body, **options)
+        with ThreadPoolExecutor(1) as pool:  # a loop of its own, also inside an async test
+            return pool.submit(asyncio.run, encoding).result()
 
     body = codec.encode(outcome.event)
     delivery = delivery or incoming()
-    ContentHeader(0, len(body), _result_properties(outcome, delivery)).marshal()
+    result = message(body, result_options(outcome, delivery))
+    ContentHeader(0, len(body), result.properties).marshal()
     if outcome.dead_letter:
-        dead = _dead_letter(outcome, delivery)
+        dead = message(delivery.body, dead_letter_options(outcome, delivery))
         ContentHeader(0, len(dead.body), dead.properties).marshal()
 
 
@@ -693,7 +708,9 @@ def nested_table(depth: int) -> bytes:
 )
 def test_bug4_properties_rabbitmq_accepts_can_be_decoded(properties: bytes, flags: int) -> None:
     """Every content header RabbitMQ forwards decodes (the worker's connection must not die)."""
-    import worker.app.settle  # noqa: F401  (the fix installs its pamqp hardening on import)
+    from worker.app import hardening
+
+    hardening.install()  # as the worker does when it starts
 
     frame.unmarshal(content_header(properties, flags))
 
@@ -719,7 +736,9 @@ def test_bug5_publisher_cannot_forge_retry_state() -> None:
 
 async def test_bug6_header_bytes_survive_into_the_dead_letter() -> None:
     """A long-string header that is not UTF-8 (as decoded off the wire) can be dead-lettered."""
-    import worker.app.settle  # noqa: F401  (the fix installs its pamqp hardening on import)
+    from worker.app import hardening
+
+    hardening.install()  # as the worker does when it starts
 
     entry = b"\x04blobS" + struct.pack(">I", 2) + b"\xff\xfe"
     table = struct.pack(">I", len(entry)) + entry

@@ -26,8 +26,7 @@ from worker.observability.metrics import CONTENT_TYPE, Metrics
 
 if TYPE_CHECKING:
     from aio_pika.abc import AbstractRobustConnection
-
-    from worker.app.settle import Consumer
+    from faststream.rabbit.subscriber import RabbitSubscriber
 
 log = logging.getLogger("worker.app.health")
 
@@ -118,18 +117,20 @@ class StoreProbe:
         return text
 
 
-def broker_check(connection: AbstractRobustConnection | None, consumer: Consumer | None) -> Check:
-    """Connected to the broker, and the consumer active on an open channel."""
+def broker_check(
+    connection: AbstractRobustConnection | None, subscriber: RabbitSubscriber | None
+) -> Check:
+    """Connected to the broker, and the command subscriber consuming."""
     if connection is None:
         return Check(False, "not connected yet")
     if connection.is_closed:
         return Check(False, "connection closed")
     if not connection.connected.is_set():
         return Check(False, "connection lost; reconnecting")
-    if consumer is None:
+    if subscriber is None:
         return Check(False, "not consuming yet")
-    if not consumer.active:
-        return Check(False, "channel closed or consumer cancelled")
+    if not subscriber.running:
+        return Check(False, "consumer stopped")
     return Check(True, "ok")
 
 

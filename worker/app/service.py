@@ -1,8 +1,9 @@
 """The composition root: the one place that opens connections, files and servers.
 
 :class:`Service` wires settings into the sandbox (when no provider is configured), the provider
-clients, the dedup store, the RabbitMQ connection and topology, the pipeline and the consumer.
-Importing this module does nothing; :meth:`Service.start` and :meth:`Service.stop` do it all.
+clients, the dedup store, the FastStream broker with its subscriber and publishers
+(:mod:`worker.app.broker`), the topology, the pipeline and the command handler.  Importing this
+module does nothing; :meth:`Service.start` and :meth:`Service.stop` do it all.
 """
 
 from __future__ import annotations
@@ -14,16 +15,18 @@ import logging
 import signal
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-import aio_pika
-from aio_pika.abc import AbstractRobustConnection
+from aio_pika.exceptions import CONNECTION_EXCEPTIONS
 from pydantic import SecretStr
 
+from worker.app import broker as app_broker
+from worker.app import hardening
+from worker.app.handler import CommandHandler
 from worker.app.health import Check, HealthServer, StoreProbe, broker_check, report
-from worker.app.settle import Consumer, Publisher
-from worker.app.topology import declare
+from worker.app.settle import Publisher
+from worker.app.topology import declare_on
 from worker.dedup import DedupStore, make_dedup_store
 from worker.dedup.keeper import LeaseKeeper
 from worker.errors import ProviderName
@@ -36,8 +39,13 @@ from worker.pipeline.retry import Retrier
 from worker.pipeline.sequencer import Sequencer
 from worker.providers import Provider
 from worker.providers.factory import make_provider
-from worker.sandbox import Sandbox
 from worker.settings import ProviderConfig, Settings
+
+if TYPE_CHECKING:
+    from aio_pika.abc import AbstractRobustConnection
+    from faststream.rabbit.subscriber import RabbitSubscriber
+
+    from worker.sandbox import Sandbox
 
 log = logging.getLogger("worker")
 
@@ -77,9 +85,11 @@ class Service:
     grace_s: float = 30.0
     sandbox: Sandbox | None = None
     telemetry: Telemetry | None = None
+    app: app_broker.App | None = None
     connection: AbstractRobustConnection | None = None
+    subscriber: RabbitSubscriber | None = None
     dedup: DedupStore | None = None
-    consumer: Consumer | None = None
+    handler: CommandHandler | None = None
     http: HealthServer | None = None
     gates: dict[str, Gate] = field(default_factory=dict)
     _providers: dict[str, Provider] = field(default_factory=dict)
@@ -96,6 +106,7 @@ class Service:
 
     async def start(self) -> None:
         """Open everything and start consuming (waits for the dedup store to answer)."""
+        hardening.install()
         telemetry = self._telemetry()
         metrics = telemetry.metrics
         self.gates = {
@@ -105,7 +116,7 @@ class Service:
             for name in PROVIDERS
         }
         metrics.track(
-            inflight=lambda: self.consumer.inflight if self.consumer else 0,
+            inflight=lambda: self.handler.inflight if self.handler else 0,
             ready=lambda: float(self.readiness()[0]),
         )
         self.http = HealthServer(
@@ -123,11 +134,7 @@ class Service:
         )
         await self._start_providers(observer)
         dedup = await self._open_store()
-        self.connection = await aio_pika.connect_robust(
-            self.settings.amqp_url.get_secret_value(),
-            client_properties={"connection_name": f"conference-worker/{self.settings.instance()}"},
-        )
-        self.consumer = await self._consume(self.connection, dedup, observer)
+        await self._consume(dedup, observer)
         log.info("consuming %s (prefetch %d)", self.settings.commands_queue, self.settings.prefetch)
 
     def _telemetry(self) -> Telemetry:
@@ -138,6 +145,8 @@ class Service:
 
     async def _start_providers(self, observer: Observer) -> None:
         if needs_sandbox(self.settings) and self.sandbox is None:
+            from worker.sandbox import Sandbox  # only for local use: no provider configured
+
             self.sandbox = Sandbox()
             await self.sandbox.start()
             self._own_sandbox = True
@@ -156,24 +165,8 @@ class Service:
         await self._probe.reachable()
         return store
 
-    async def _consume(
-        self, connection: AbstractRobustConnection, dedup: DedupStore, observer: Observer
-    ) -> Consumer:
-        channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
-        await channel.set_qos(prefetch_count=self.settings.prefetch)
-        topology = self.settings.topology()
-        declared = await declare(channel, topology)
-        delays = {topology.delay_queue(seconds) for seconds in topology.delay_tiers_s}
-        publisher = Publisher(
-            results=declared.results_exchange,
-            dead=declared.dead_exchange,
-            default=channel.default_exchange,
-            topology=topology,
-            own_queues=frozenset({topology.commands_queue, topology.dead_queue, *delays}),
-            channel=channel,
-            observer=observer,
-        )
-        pipeline = Pipeline(
+    def _pipeline(self, dedup: DedupStore) -> Pipeline:
+        return Pipeline(
             providers=self._providers,
             gates=self.gates,
             dedup=dedup,
@@ -187,14 +180,32 @@ class Service:
             sequencer=Sequencer(),
             keeper=self._keeper(dedup),
         )
-        consumer = Consumer(declared.commands, pipeline, publisher, observer)
-        await consumer.start()
-        return consumer
+
+    async def _consume(self, dedup: DedupStore, observer: Observer) -> None:
+        """Build the FastStream app around the handler, declare the topology, subscribe."""
+        topology = self.settings.topology()
+        app = app_broker.build(self.settings.broker(), topology, grace_s=self.grace_s)
+        delays = {topology.delay_queue(seconds) for seconds in topology.delay_tiers_s}
+        publisher = Publisher(
+            results=app.results,
+            reply=app.reply,
+            dead=app.dead,
+            delay=app.delay,
+            topology=topology,
+            own_queues=frozenset({topology.commands_queue, topology.dead_queue, *delays}),
+            tracing=observer,
+        )
+        self.handler = handler = CommandHandler(self._pipeline(dedup), publisher, observer)
+        self.subscriber = app_broker.subscribe(app.broker, topology, handler.handle)
+        self.app = app
+        self.connection = await app.broker.connect()
+        await declare_on(app.broker, topology)
+        await app.broker.start()
 
     def readiness(self) -> tuple[bool, dict[str, Any]]:
         """Whether this worker should get traffic, and the checks that say so (``/readyz``)."""
         checks = {
-            "broker": broker_check(self.connection, self.consumer),
+            "broker": broker_check(self.connection, self.subscriber),
             "dedup": self._probe.check() if self._probe else Check(False, "not opened yet"),
             "shutdown": Check(False, "shutting down") if self._stopping else Check(True, "no"),
         }
@@ -210,21 +221,26 @@ class Service:
     async def stop(self) -> None:
         """Stop consuming, finish what is in flight (within the grace period), close all.
 
-        ``/readyz`` answers 503 from the first moment; calling it again does nothing.
+        ``/readyz`` answers 503 from the first moment; calling it again does nothing.  Commands
+        waiting in a backoff or for an open circuit breaker are handed to the broker-held delay
+        at once and acknowledged.
         """
         if self._stopping:
             return
         self._stopping = True
-        if self.consumer is not None:
-            await self.consumer.stop(self.grace_s)
+        if self.handler is not None:
+            self.handler.stopping()
+        if self.subscriber is not None and self.handler is not None:
+            await _quiet_stop(self.subscriber)
+            await self.handler.drain(self.grace_s)
         if self._renewing is not None:
             self._renewing.cancel()
         await self._close()
 
     async def _close(self) -> None:
         """Close every connection, file and server :meth:`start` opened."""
-        if self.connection is not None:
-            await self.connection.close()
+        if self.app is not None:
+            await self.app.broker.stop()
         for provider in self._providers.values():
             await provider.aclose()
         if self._probe is not None:
@@ -244,6 +260,14 @@ class Service:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
+
+
+async def _quiet_stop(subscriber: RabbitSubscriber) -> None:
+    """Stop taking deliveries (FastStream waits for those in flight, up to its grace period)."""
+    try:
+        await subscriber.stop()
+    except CONNECTION_EXCEPTIONS as exc:
+        log.warning("could not cancel the consumer: %r", exc)
 
 
 def _url_secrets(url: str) -> list[str]:

@@ -1,13 +1,15 @@
-"""The RabbitMQ side: take deliveries, hand their bodies to the pipeline, finish them.
+"""Finishing a delivery: the one place where ack, requeue, dead-letter and defer are decided.
 
-:func:`settle` is the one place where a delivery is finished.  The result event goes to the
+:func:`settle` finishes every delivery the command handler took.  The result event goes to the
 results exchange (and ``reply_to``), a non-success goes to the dead-letter exchange with the
-CONTRACT headers, every publish is confirmed by the broker, and only then is the command
-acknowledged.  A deferred command goes to the broker-held delay queue of its tier, with its retry
-state in ``cw-*`` headers, before it is acknowledged.  If any publish fails the delivery is
-returned to the queue: an event may be repeated after a crash, never lost.  A delivery whose
-processing raises (a bug, not a bad message) is rejected back to the queue, where the quorum
-queue's delivery limit ends a poison message in the dead-letter queue instead of a loop.
+CONTRACT headers, every publish goes through the FastStream broker's publishers and is confirmed
+by RabbitMQ, and only then is the command acknowledged.  A deferred command goes to the
+broker-held delay queue of its tier, with its retry state in ``cw-*`` headers, before it is
+acknowledged.  If any publish fails the delivery is returned to the queue: an event may be
+repeated after a crash, never lost.
+
+The pure parts (:func:`delivery_of`, :func:`result_options`, :func:`dead_letter_options`,
+:func:`defer_options`) read and write AMQP properties; :class:`Publisher` sends what they build.
 """
 
 from __future__ import annotations
@@ -15,29 +17,27 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import uuid
 from collections.abc import Awaitable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, Protocol
 
-import aio_pika
-import aiormq
-from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage, AbstractQueue
+from aio_pika.abc import AbstractIncomingMessage
 from aio_pika.exceptions import CONNECTION_EXCEPTIONS
-from pamqp.commands import Basic
 
-from worker.app import hardening as amqp_hardening
 from worker.contract import codec
-from worker.observability.observe import Observer, Watch
-from worker.pipeline.process import Delivery, Outcome, Pipeline
+from worker.pipeline.process import Delivery, Outcome
 from worker.pipeline.retry import RetryState
 from worker.settings import Topology
 
+if TYPE_CHECKING:
+    from faststream.rabbit.publisher import RabbitPublisher
+
 log = logging.getLogger("worker.app.settle")
-amqp_hardening.install()
 
 _MAX_HEADER_TEXT = 1000
-_MAX_REPLY_TO = 255
+_MAX_SHORT_STRING = 255  # bytes in an AMQP short string (correlation_id, reply_to, ...)
 # Headers of our own that carry a command's retry state through the broker-held delays.
 H_ATTEMPTS = "cw-attempts"
 H_BUDGET_USED = "cw-budget-used-s"
@@ -47,6 +47,7 @@ H_ROUTING_KEY = "cw-routing-key"
 H_PROBES = "cw-probes"
 H_PUBLISHER = "cw-publisher"
 RETRY_HEADERS = (H_ATTEMPTS, H_BUDGET_USED, H_FIRST_FAILURE, H_NOT_BEFORE, H_ROUTING_KEY, H_PROBES)
+APP_ID = "conference-worker"
 
 
 def _number(value: Any) -> float | None:
@@ -90,113 +91,49 @@ def original_routing_key(message: AbstractIncomingMessage) -> str:
     return carried if isinstance(carried, str) else (message.routing_key or "")
 
 
-@dataclass(slots=True)
-class Publisher:
-    """Publishes result events and dead letters, each confirmed by the broker."""
-
-    results: AbstractExchange
-    dead: AbstractExchange
-    default: AbstractExchange
-    topology: Topology
-    own_queues: frozenset[str]
-    channel: AbstractChannel  # the one the exchanges are on (results go straight to it)
-    observer: Observer = field(default_factory=Observer.disabled)
-
-    async def publish(self, outcome: Outcome, message: AbstractIncomingMessage) -> None:
-        """Publish everything ``outcome`` calls for, concurrently, and wait for the confirms."""
-        if outcome.defer_s is not None and outcome.retry is not None:
-            await self._defer(outcome.defer_s, outcome.retry, message)
-            return
-        await self._publish(outcome, message, self.observer.trace_headers(message))
-
-    async def _publish(
-        self,
-        outcome: Outcome,
-        message: AbstractIncomingMessage,
-        headers: dict[str, Any] | None,
-    ) -> None:
-        body = codec.encode(outcome.event)
-        event = _result_properties(outcome, message, headers)
-        results = self.results.name
-        sends: list[Awaitable[Any]] = [
-            _send(self.channel, results, outcome.routing_key, body, event)
-        ]
-        reply_to = message.reply_to
-        if reply_to and len(reply_to) <= _MAX_REPLY_TO and reply_to not in self.own_queues:
-            sends.append(_send(self.channel, "", reply_to, body, event))
-        if outcome.dead_letter:
-            dead = _dead_letter(outcome, message)
-            sends.append(self.dead.publish(dead, original_routing_key(message), mandatory=True))
-        if len(sends) == 1:
-            await sends[0]  # the usual case: no task to wrap a lone publish in
-        else:
-            await asyncio.gather(*sends)
-
-    async def _defer(
-        self, delay_s: float, retry: RetryState, message: AbstractIncomingMessage
-    ) -> None:
-        """Park the command in the delay queue of its tier; it comes back to the work queue."""
-        tier = self.topology.delay_tier(delay_s)
-        headers = dict(message.headers or {})
-        headers.update(
-            {
-                H_ATTEMPTS: retry.attempts,
-                H_BUDGET_USED: round(retry.budget_used_s, 3),
-                H_FIRST_FAILURE: retry.first_failure_at or datetime.now(UTC).timestamp(),
-                H_NOT_BEFORE: datetime.now(UTC).timestamp() + delay_s,
-                H_ROUTING_KEY: original_routing_key(message),
-                H_PROBES: retry.probes,
-                H_PUBLISHER: delivery_of(message).user_id,
-            }
-        )
-        delayed = _copy(message, headers)
-        await self.default.publish(delayed, self.topology.delay_queue(tier), mandatory=True)
+def _short(value: str | None) -> str | None:
+    """``value`` when it fits an AMQP short string, else None (the body still carries it)."""
+    if value is None or len(value.encode("utf-8", "surrogatepass")) > _MAX_SHORT_STRING:
+        return None
+    return value
 
 
-async def _send(
-    channel: AbstractChannel,
-    exchange: str,
-    routing_key: str,
-    body: bytes,
-    properties: Basic.Properties,
-) -> None:
-    """Publish (unroutable: dropped) and wait for the broker's confirm.
-
-    Straight on the channel under aio-pika's ``Exchange.publish`` (which adds a ``Message`` to
-    convert), with ``wait=False``: aiormq then releases the channel's lock once the frames are
-    queued instead of once they are written, so concurrent results are not serialized one event
-    loop turn apart. The confirm is still awaited (a nack raises ``DeliveryError``).
-    """
-    underlay = cast(aiormq.Channel, await channel.get_underlay_channel())  # declares ``wait``
-    await underlay.basic_publish(
-        body,
-        exchange=exchange,
-        routing_key=routing_key,
-        properties=properties,
-        mandatory=False,
-        wait=False,
-    )
-
-
-def _result_properties(
+def result_options(
     outcome: Outcome, message: AbstractIncomingMessage, headers: dict[str, Any] | None = None
-) -> Basic.Properties:
-    """The result event's properties; aiormq adds a random ``message_id``."""
-    correlation_id = message.correlation_id or outcome.event.get("command_id")
-    if correlation_id is not None and len(correlation_id.encode("utf-8")) > 255:
-        correlation_id = None  # an AMQP short string holds 255 bytes; the event body has the id
-    return Basic.Properties(
-        content_type="application/json",
-        delivery_mode=2,  # persistent
-        correlation_id=correlation_id,
-        timestamp=datetime.now(UTC),
-        app_id="conference-worker",
-        message_type="result",
-        headers=headers,
-    )
+) -> dict[str, Any]:
+    """The result event's publish options (a fresh ``message_id`` each)."""
+    return {
+        "message_id": uuid.uuid4().hex,
+        "content_type": "application/json",
+        "persist": True,
+        "correlation_id": _short(message.correlation_id or outcome.event.get("command_id")),
+        "timestamp": datetime.now(UTC),
+        "app_id": APP_ID,
+        "message_type": "result",
+        "headers": headers,
+        "mandatory": False,  # a reply_to that names no queue is dropped by the broker
+    }
 
 
-def _dead_letter(outcome: Outcome, message: AbstractIncomingMessage) -> Any:
+def _copy_options(message: AbstractIncomingMessage, headers: dict[str, Any]) -> dict[str, Any]:
+    """Publish options that carry ``message`` again, persistent, with ``headers``."""
+    return {
+        "headers": headers,
+        "content_type": message.content_type,
+        "content_encoding": message.content_encoding,
+        "persist": True,
+        "correlation_id": message.correlation_id,
+        "reply_to": message.reply_to,
+        "message_id": message.message_id,
+        "timestamp": message.timestamp,
+        "message_type": message.type,
+        "app_id": message.app_id,
+        "mandatory": True,  # our own queues: unroutable is a fault, the delivery is requeued
+    }
+
+
+def dead_letter_options(outcome: Outcome, message: AbstractIncomingMessage) -> dict[str, Any]:
+    """The dead letter: the command as it came, the CONTRACT headers, no retry headers."""
     error = outcome.event.get("error") or {}
     headers = {k: v for k, v in (message.headers or {}).items() if k not in RETRY_HEADERS}
     headers.update(
@@ -208,28 +145,88 @@ def _dead_letter(outcome: Outcome, message: AbstractIncomingMessage) -> Any:
             "x-failed-at": datetime.now(UTC).isoformat(),
         }
     )
-    return _copy(message, headers)
+    return _copy_options(message, headers)
 
 
-def _copy(message: AbstractIncomingMessage, headers: dict[str, Any]) -> Any:
-    """The message again, persistent, with its properties and the given headers."""
-    return aio_pika.Message(
-        message.body,
-        headers=headers,
-        content_type=message.content_type,
-        content_encoding=message.content_encoding,
-        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-        correlation_id=message.correlation_id,
-        reply_to=message.reply_to,
-        message_id=message.message_id,
-        timestamp=message.timestamp,
-        type=message.type,
-        user_id=None,
-        app_id=message.app_id,
+def defer_options(
+    delay_s: float, retry: RetryState, message: AbstractIncomingMessage
+) -> dict[str, Any]:
+    """The command again, with its retry state in our ``cw-*`` headers."""
+    now = datetime.now(UTC).timestamp()
+    headers = dict(message.headers or {})
+    headers.update(
+        {
+            H_ATTEMPTS: retry.attempts,
+            H_BUDGET_USED: round(retry.budget_used_s, 3),
+            H_FIRST_FAILURE: retry.first_failure_at or now,
+            H_NOT_BEFORE: now + delay_s,
+            H_ROUTING_KEY: original_routing_key(message),
+            H_PROBES: retry.probes,
+            H_PUBLISHER: delivery_of(message).user_id,
+        }
     )
+    return _copy_options(message, headers)
 
 
-async def settle(message: AbstractIncomingMessage, outcome: Outcome, publisher: Publisher) -> bool:
+class TraceHeaders(Protocol):
+    """Where the result event's ``traceparent`` comes from (the observer)."""
+
+    def trace_headers(self, message: AbstractIncomingMessage) -> dict[str, Any] | None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Publisher:
+    """Publishes result events, dead letters and deferrals through the broker's publishers.
+
+    ``results`` and ``dead`` are FastStream publishers on the results and dead-letter exchanges;
+    ``reply`` and ``delay`` publish on the default exchange (to ``reply_to``, and to our delay
+    queues).  The broker's channel has publisher confirms on: each publish returns once RabbitMQ
+    confirmed it.
+    """
+
+    results: RabbitPublisher
+    reply: RabbitPublisher
+    dead: RabbitPublisher
+    delay: RabbitPublisher
+    topology: Topology
+    own_queues: frozenset[str]
+    tracing: TraceHeaders
+
+    async def publish(self, outcome: Outcome, message: AbstractIncomingMessage) -> None:
+        """Publish everything ``outcome`` calls for, concurrently, and wait for the confirms."""
+        if outcome.defer_s is not None and outcome.retry is not None:
+            tier = self.topology.delay_tier(outcome.defer_s)
+            options = defer_options(outcome.defer_s, outcome.retry, message)
+            await self.delay.publish(
+                message.body, routing_key=self.topology.delay_queue(tier), **options
+            )
+            return
+        body = codec.encode(outcome.event)
+        options = result_options(outcome, message, self.tracing.trace_headers(message))
+        sends: list[Awaitable[Any]] = [
+            self.results.publish(body, routing_key=outcome.routing_key, **options)
+        ]
+        reply_to = _short(message.reply_to)
+        if reply_to and reply_to not in self.own_queues:
+            sends.append(self.reply.publish(body, routing_key=reply_to, **options))
+        if outcome.dead_letter:
+            dead = dead_letter_options(outcome, message)
+            sends.append(
+                self.dead.publish(message.body, routing_key=original_routing_key(message), **dead)
+            )
+        if len(sends) == 1:
+            await sends[0]  # the usual case: no task to wrap a lone publish in
+        else:
+            await asyncio.gather(*sends)
+
+
+class Sends(Protocol):
+    """What :func:`settle` needs of a :class:`Publisher`."""
+
+    async def publish(self, outcome: Outcome, message: AbstractIncomingMessage) -> None: ...
+
+
+async def settle(message: AbstractIncomingMessage, outcome: Outcome, publisher: Sends) -> bool:
     """Finish a delivery: publish and confirm, then ack; on failure return it to the queue.
 
     The dedup store's record of the outcome (:attr:`Outcome.remember`) is made while the result
@@ -254,9 +251,9 @@ async def settle(message: AbstractIncomingMessage, outcome: Outcome, publisher: 
             outcome.event.get("command_id"),
             failure,
         )
-        await _quietly(message.nack(requeue=True))
+        await quietly(message.nack(requeue=True))
         return False
-    await _quietly(message.ack())
+    await quietly(message.ack())
     return True
 
 
@@ -270,92 +267,9 @@ async def _remembered(remembering: asyncio.Future[None], outcome: Outcome) -> bo
     return True
 
 
-async def _quietly(settling: Any) -> None:
+async def quietly(settling: Awaitable[Any]) -> None:
     """Ack/nack on a channel that may be gone: the broker requeues the delivery itself then."""
     try:
         await settling
     except CONNECTION_EXCEPTIONS as exc:
         log.warning("could not settle a delivery (the broker will redeliver it): %r", exc)
-
-
-@dataclass(slots=True)
-class Consumer:
-    """Consumes the command queue with bounded concurrency (the prefetch count)."""
-
-    queue: AbstractQueue
-    pipeline: Pipeline
-    publisher: Publisher
-    observer: Observer = field(default_factory=Observer.disabled)
-    _tag: str | None = None
-    _inflight: set[asyncio.Task[Any]] = field(default_factory=set)
-    completed: int = 0
-
-    async def start(self) -> None:
-        self._tag = await self.queue.consume(self._on_message, no_ack=False)
-
-    @property
-    def active(self) -> bool:
-        """Consuming: started, not stopped, and the channel is open."""
-        return self._tag is not None and not self.queue.channel.is_closed
-
-    @property
-    def inflight(self) -> int:
-        return len(self._inflight)
-
-    async def _on_message(self, message: AbstractIncomingMessage) -> None:
-        task = asyncio.current_task()
-        if task is not None:
-            self._inflight.add(task)
-        try:
-            await self._handle(message)
-        finally:
-            self._inflight.discard(task)
-
-    async def _handle(self, message: AbstractIncomingMessage) -> None:
-        watch = self.observer.begin(message)
-        try:
-            await self._carry_out(message, watch)
-        finally:
-            self.observer.end(watch)
-
-    async def _carry_out(self, message: AbstractIncomingMessage, watch: Watch) -> None:
-        try:
-            delivery = delivery_of(message)
-            watch.first_delivery = delivery.retry.attempts == 0 and delivery.not_before is None
-            outcome = await self.pipeline.process(delivery, remember_later=True)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            log.exception("processing crashed; rejecting the delivery back to the queue")
-            self.observer.crashed(watch, exc)
-            await _quietly(message.reject(requeue=True))
-            return
-        settled = await settle(message, outcome, self.publisher)
-        if settled:
-            self.completed += 1
-        self.observer.finish(watch, message, outcome, settled)
-
-    async def stop(self, grace_s: float) -> None:
-        """Stop taking deliveries; let those in flight finish within ``grace_s``.
-
-        Commands waiting in a backoff or for an open circuit breaker are handed to the
-        broker-held delay at once (the pipeline's ``stopping`` event) and acknowledged.
-        """
-        self.pipeline.stopping.set()
-        if self._tag is not None:
-            try:
-                await self.queue.cancel(self._tag)
-            except CONNECTION_EXCEPTIONS as exc:
-                log.warning("could not cancel the consumer: %r", exc)
-            self._tag = None
-        pending = set(self._inflight)
-        if pending:
-            _, late = await asyncio.wait(pending, timeout=grace_s)
-            for task in late:
-                task.cancel()
-            if late:
-                log.warning(
-                    "%d commands still running after %.1f s were returned to the queue",
-                    len(late),
-                    grace_s,
-                )

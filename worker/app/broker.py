@@ -1,0 +1,157 @@
+"""The FastStream application: one ``RabbitBroker``, the command subscriber and the publishers.
+
+:func:`build` and :func:`subscribe` declare, on a new broker, the contract's endpoints:
+
+- the **command subscriber** on ``conference-worker.commands`` (quorum, DLX, delivery limit;
+  bound to ``conference.commands`` with ``conference.*``), with FastStream's manual ack policy,
+  so that :func:`worker.app.settle.settle` alone acks, requeues, dead-letters or defers;
+- the **publishers** of result events (``conference.results``, and ``reply_to`` on the default
+  exchange), of dead letters (``conference.dead``) and of deferred commands (the delay queues,
+  left out of the AsyncAPI document: they are the worker's own business).
+
+Nothing connects until the broker is started.  ``conference-worker schemas`` renders the
+AsyncAPI document from a broker built by these same two functions, so the document is
+FastStream's view of the real subscriber and publishers (:mod:`worker.contract.schemas`).
+
+Cost control (ops/bench/RESULTS.md): FastDepends is off (``apply_types=False``) and the
+subscriber's decoder hands the handler the aio-pika delivery, undecoded: the pipeline validates
+the body itself, once, and turns a bad one into a ``rejected`` result rather than a parse error.
+The handler's parameter still carries the command union's JSON Schema, which is what the
+AsyncAPI document shows as the payload.  FastStream's own log line per message is off unless
+``CW_BROKER_LOG_MESSAGES=true``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Annotated, Any, cast
+
+from aio_pika.abc import AbstractIncomingMessage
+from faststream.middlewares import AckPolicy
+from faststream.rabbit import RabbitBroker, RabbitExchange
+from faststream.rabbit.publisher import RabbitPublisher
+from faststream.rabbit.schemas import Channel
+from faststream.rabbit.subscriber import RabbitSubscriber
+from pydantic import GetPydanticSchema
+
+from worker.app import topology as top
+from worker.app.settle import APP_ID
+from worker.contract.messages import Command, ResultEvent
+from worker.settings import BrokerConfig, Topology
+
+if TYPE_CHECKING:
+    from faststream.rabbit.utils import RabbitClientProperties
+
+BROKER_LOGGER = "worker.faststream"
+
+# What the handler gets: the delivery itself.  Its JSON Schema is the command union's, so the
+# AsyncAPI document shows what publishers send (FastDepends, which would validate it, is off).
+CommandDelivery = Annotated[
+    AbstractIncomingMessage, GetPydanticSchema(lambda _source, handler: handler(Command))
+]
+Handle = Callable[[AbstractIncomingMessage], Awaitable[None]]
+
+_SUBSCRIBER_TEXT = (
+    "Commands to carry out. Each delivery gets exactly one result event; whatever did not "
+    "succeed is also dead-lettered. Acknowledged only after the result's publisher confirm."
+)
+
+
+@dataclass(frozen=True, slots=True)
+class App:
+    """The broker and the publishers :func:`build` declared on it."""
+
+    broker: RabbitBroker
+    results: RabbitPublisher
+    reply: RabbitPublisher
+    dead: RabbitPublisher
+    delay: RabbitPublisher
+
+
+async def _delivery(message: Any) -> AbstractIncomingMessage:
+    """The subscriber's decoder: the aio-pika delivery, for the pipeline to decode."""
+    raw: AbstractIncomingMessage = message.raw_message
+    return raw
+
+
+def make_broker(config: BrokerConfig, *, grace_s: float = 30.0) -> RabbitBroker:
+    """A broker that connects to ``config.url`` once started (publisher confirms on)."""
+    logger = logging.getLogger(BROKER_LOGGER)
+    if not config.log_messages:
+        logger.setLevel(logging.WARNING)
+    return RabbitBroker(
+        config.url.get_secret_value(),
+        client_properties=cast(
+            "RabbitClientProperties", {"connection_name": config.connection_name}
+        ),
+        default_channel=Channel(
+            prefetch_count=config.prefetch, publisher_confirms=True, on_return_raises=True
+        ),
+        app_id=APP_ID,
+        graceful_timeout=grace_s,
+        apply_types=False,
+        logger=logger,
+        description="conference-worker: telephony conference commands carried out against "
+        "Vinix (Kazoo) and Telnyx.",
+    )
+
+
+def build(config: BrokerConfig, topology: Topology, *, grace_s: float = 30.0) -> App:
+    """A broker with the contract's publishers (connecting only once started)."""
+    broker = make_broker(config, grace_s=grace_s)
+    return App(broker, *_publishers(broker, topology))
+
+
+def subscribe(broker: RabbitBroker, topology: Topology, handle: Handle) -> RabbitSubscriber:
+    """The command subscriber: every delivery of the command queue goes to ``handle``."""
+
+    async def carry_out(command: CommandDelivery) -> None:
+        await handle(command)
+
+    subscriber = broker.subscriber(
+        top.commands_queue(topology),
+        top.commands_exchange(topology),
+        ack_policy=AckPolicy.MANUAL,
+        no_reply=True,  # the result goes to reply_to through settle, confirmed, before the ack
+        decoder=_delivery,
+        title=topology.commands_queue,
+        description=_SUBSCRIBER_TEXT,
+    )
+    subscriber(carry_out)
+    return subscriber
+
+
+def _publishers(
+    broker: RabbitBroker, topology: Topology
+) -> tuple[RabbitPublisher, RabbitPublisher, RabbitPublisher, RabbitPublisher]:
+    results = broker.publisher(
+        exchange=top.results_exchange(topology),
+        routing_key="{type}.{status}",
+        persist=True,
+        schema=ResultEvent,
+        title=topology.results_exchange,
+        description="Every result event, routing key `<type>.<status>` (`unknown.rejected` when "
+        "the type could not be read).",
+    )
+    reply = broker.publisher(
+        exchange=RabbitExchange(),
+        routing_key="{reply_to}",
+        persist=True,
+        schema=ResultEvent,
+        title="reply_to",
+        description="The same result event, also sent to the command's `reply_to` queue "
+        "(direct reply-to works) on the default exchange.",
+    )
+    dead = broker.publisher(
+        exchange=top.dead_exchange(topology),
+        routing_key="{routing key of the command}",
+        persist=True,
+        schema=Command,
+        title=topology.dead_exchange,
+        description="Every command that did not succeed (duplicates aside), as it came, with "
+        "headers x-error-code, x-error-message, x-attempts, x-original-routing-key, x-failed-at.",
+    )
+    delay = broker.publisher(exchange=RabbitExchange(), persist=True, include_in_schema=False)
+    return results, reply, dead, delay

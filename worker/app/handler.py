@@ -1,0 +1,96 @@
+"""The command subscriber's handler: one delivery in, one settled delivery out.
+
+FastStream calls :meth:`CommandHandler.handle` once per delivery, each in a task of its own
+(aio-pika runs every consumer callback as a task), so all the deliveries in flight (up to the
+prefetch count) are processed concurrently.  The handler is thin: it hands the delivery to the
+pipeline (:class:`worker.pipeline.process.Pipeline`, which knows nothing of the broker) and the
+outcome to :func:`worker.app.settle.settle`, the one place that acks, requeues, dead-letters or
+defers.  A delivery whose processing raises (a bug, not a bad message) is rejected back to the
+queue, where the quorum queue's delivery limit ends a poison message in the dead-letter queue
+instead of a loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from aio_pika.abc import AbstractIncomingMessage
+
+from worker.app.settle import Sends, delivery_of, quietly, settle
+from worker.observability.observe import Observer, Watch
+from worker.pipeline.process import Pipeline
+
+log = logging.getLogger("worker.app.handler")
+
+
+@dataclass(slots=True)
+class CommandHandler:
+    """Carries out the deliveries FastStream hands it, and tells how many are in flight."""
+
+    pipeline: Pipeline
+    publisher: Sends
+    observer: Observer = field(default_factory=Observer.disabled)
+    completed: int = 0
+    _inflight: set[asyncio.Task[Any]] = field(default_factory=set)
+
+    @property
+    def inflight(self) -> int:
+        """Deliveries being processed right now."""
+        return len(self._inflight)
+
+    async def handle(self, message: AbstractIncomingMessage) -> None:
+        """Process one delivery and settle it."""
+        task = asyncio.current_task()
+        if task is not None:
+            self._inflight.add(task)
+        watch = self.observer.begin(message)
+        try:
+            await self._carry_out(message, watch)
+        finally:
+            self.observer.end(watch)
+            if task is not None:
+                self._inflight.discard(task)
+
+    async def _carry_out(self, message: AbstractIncomingMessage, watch: Watch) -> None:
+        try:
+            delivery = delivery_of(message)
+            watch.first_delivery = delivery.retry.attempts == 0 and delivery.not_before is None
+            outcome = await self.pipeline.process(delivery, remember_later=True)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.exception("processing crashed; rejecting the delivery back to the queue")
+            self.observer.crashed(watch, exc)
+            await quietly(message.reject(requeue=True))
+            return
+        settled = await settle(message, outcome, self.publisher)
+        if settled:
+            self.completed += 1
+        self.observer.finish(watch, message, outcome, settled)
+
+    def stopping(self) -> None:
+        """From now on, commands waiting in a backoff or for an open breaker are deferred."""
+        self.pipeline.stopping.set()
+
+    async def drain(self, grace_s: float) -> None:
+        """Wait up to ``grace_s`` for the deliveries in flight; cancel those still running.
+
+        A cancelled delivery is neither acked nor rejected: the broker returns it to the queue
+        when the channel closes.
+        """
+        pending = set(self._inflight)
+        if not pending:
+            return
+        _, late = await asyncio.wait(pending, timeout=grace_s)
+        for task in late:
+            task.cancel()
+        if late:
+            await asyncio.gather(*late, return_exceptions=True)
+            log.warning(
+                "%d commands still running after %.1f s were returned to the queue",
+                len(late),
+                grace_s,
+            )
