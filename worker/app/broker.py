@@ -81,11 +81,12 @@ def make_broker(config: BrokerConfig, *, grace_s: float = 30.0) -> RabbitBroker:
     logger = logging.getLogger(BROKER_LOGGER)
     if not config.log_messages:
         logger.setLevel(logging.WARNING)
+    # aio-pika reads the connection's name (shown by RabbitMQ) from the URL's ``name`` query
+    # parameter, which FastStream builds from these "client properties".
+    properties = cast("RabbitClientProperties", {"name": config.connection_name})
     return RabbitBroker(
         config.url.get_secret_value(),
-        client_properties=cast(
-            "RabbitClientProperties", {"connection_name": config.connection_name}
-        ),
+        client_properties=properties,
         default_channel=Channel(
             prefetch_count=config.prefetch, publisher_confirms=True, on_return_raises=True
         ),

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from aio_pika.exceptions import CONNECTION_EXCEPTIONS
+from faststream.rabbit.subscriber import RabbitSubscriber
 from pydantic import SecretStr
 
 from worker.app import broker as app_broker
@@ -39,11 +40,10 @@ from worker.pipeline.retry import Retrier
 from worker.pipeline.sequencer import Sequencer
 from worker.providers import Provider
 from worker.providers.factory import make_provider
-from worker.settings import ProviderConfig, Settings
+from worker.settings import ProviderConfig, Settings, Topology
 
 if TYPE_CHECKING:
     from aio_pika.abc import AbstractRobustConnection
-    from faststream.rabbit.subscriber import RabbitSubscriber
 
     from worker.sandbox import Sandbox
 
@@ -184,20 +184,8 @@ class Service:
     async def _consume(self, dedup: DedupStore, observer: Observer) -> None:
         """Build the FastStream app around the handler, declare the topology, subscribe."""
         topology = self.settings.topology()
-        app = app_broker.build(self.settings.broker(), topology, grace_s=self.grace_s)
-        delays = {topology.delay_queue(seconds) for seconds in topology.delay_tiers_s}
-        publisher = Publisher(
-            results=app.results,
-            reply=app.reply,
-            dead=app.dead,
-            delay=app.delay,
-            topology=topology,
-            own_queues=frozenset({topology.commands_queue, topology.dead_queue, *delays}),
-            tracing=observer,
-        )
-        self.handler = handler = CommandHandler(self._pipeline(dedup), publisher, observer)
-        self.subscriber = app_broker.subscribe(app.broker, topology, handler.handle)
-        self.app = app
+        self.app = app = app_broker.build(self.settings.broker(), topology, grace_s=self.grace_s)
+        self.handler, self.subscriber = attach(app, topology, self._pipeline(dedup), observer)
         self.connection = await app.broker.connect()
         await declare_on(app.broker, topology)
         await app.broker.start()
@@ -260,6 +248,24 @@ class Service:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
+
+
+def attach(
+    app: app_broker.App, topology: Topology, pipeline: Pipeline, observer: Observer
+) -> tuple[CommandHandler, RabbitSubscriber]:
+    """The command handler on ``app``'s publishers, subscribed to the command queue."""
+    delays = {topology.delay_queue(seconds) for seconds in topology.delay_tiers_s}
+    publisher = Publisher(
+        results=app.results,
+        reply=app.reply,
+        dead=app.dead,
+        delay=app.delay,
+        topology=topology,
+        own_queues=frozenset({topology.commands_queue, topology.dead_queue, *delays}),
+        tracing=observer,
+    )
+    handler = CommandHandler(pipeline, publisher, observer)
+    return handler, app_broker.subscribe(app.broker, topology, handler.handle)
 
 
 async def _quiet_stop(subscriber: RabbitSubscriber) -> None:
