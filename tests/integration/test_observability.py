@@ -204,7 +204,7 @@ async def test_metrics_count_the_commands_of_a_run(
 
 
 async def test_asyncapi_document_is_served(worker_factory: WorkerFactory) -> None:
-    """GET /asyncapi.yaml serves the AsyncAPI document the models generate."""
+    """GET /asyncapi.yaml serves the AsyncAPI document schemas/ holds (FastStream's, of the app)."""
     async with worker_factory() as (service, _):
         status, text = await http_get(service.http_port, "/asyncapi.yaml")
     assert status == 200

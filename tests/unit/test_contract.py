@@ -76,9 +76,28 @@ def validator_for(doc: dict[str, Any], ref: str) -> Draft202012Validator:
     )
 
 
+def payload_name(doc: dict[str, Any], message: dict[str, Any]) -> str:
+    """The name of a message's payload schema in ``components.schemas``."""
+    name: str = message["payload"]["$ref"].rsplit("/", 1)[1]
+    return name
+
+
 def examples(doc: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
-    messages = doc["components"]["messages"]
-    return [(name, ex) for name, message in messages.items() for ex in message["examples"]]
+    """(payload kind, example) of every message: ``command``, ``result`` or ``dead``."""
+    kinds = {"ResultEvent": "result"}
+    found: list[tuple[str, dict[str, Any]]] = []
+    for name, message in doc["components"]["messages"].items():
+        payload = payload_name(doc, message)
+        kind = kinds.get(payload, "dead" if name.startswith("conference.dead") else "command")
+        found.extend((kind, example) for example in message["examples"])
+    return found
+
+
+def message_of(doc: dict[str, Any], channel: str) -> dict[str, Any]:
+    """The (one) message of ``channel``."""
+    (ref,) = doc["channels"][channel]["messages"].values()
+    message: dict[str, Any] = doc["components"]["messages"][ref["$ref"].rsplit("/", 1)[1]]
+    return message
 
 
 # (a) schemas/ is what the models generate ------------------------------------------------------
@@ -120,14 +139,15 @@ def test_write_then_stale(tmp_path: Path) -> None:
 
 def test_every_example_validates_against_its_schemas(doc: dict[str, Any]) -> None:
     """Each AsyncAPI example's payload and headers validate against the message's schemas."""
-    for name, example in examples(doc):
-        message = doc["components"]["messages"][name]
-        payload = validator_for(doc, message["payload"]["$ref"])
-        errors = [e.message for e in payload.iter_errors(example["payload"])]
-        assert not errors, f"{name}/{example['name']} payload: {errors}"
-        headers = validator_for(doc, message["headers"]["$ref"])
-        errors = [e.message for e in headers.iter_errors(example.get("headers", {}))]
-        assert not errors, f"{name}/{example['name']} headers: {errors}"
+    for name, message in doc["components"]["messages"].items():
+        assert message["examples"], name
+        for example in message["examples"]:
+            payload = validator_for(doc, message["payload"]["$ref"])
+            errors = [e.message for e in payload.iter_errors(example["payload"])]
+            assert not errors, f"{name}/{example['name']} payload: {errors}"
+            headers = validator_for(doc, message["headers"]["$ref"])
+            errors = [e.message for e in headers.iter_errors(example.get("headers", {}))]
+            assert not errors, f"{name}/{example['name']} headers: {errors}"
 
 
 def test_every_example_validates_against_the_json_schema_files(
@@ -135,23 +155,22 @@ def test_every_example_validates_against_the_json_schema_files(
 ) -> None:
     """The standalone JSON Schemas accept the same examples as the embedded ones."""
     checker = Draft202012Validator.FORMAT_CHECKER
-    by_message = {
-        "conferenceUpdate": ["command.schema.json", "conference.update.schema.json"],
-        "supervisorRole": ["command.schema.json", "conference.supervisor_role.schema.json"],
-        "resultEvent": ["result-event.schema.json"],
-        "deadLetter": ["command.schema.json"],
-    }
-    for name, example in examples(doc):
-        for file in by_message[name]:
+    for kind, example in examples(doc):
+        payload = example["payload"]
+        if kind == "result":
+            files = ["result-event.schema.json"]
+        else:
+            files = ["command.schema.json", f"{payload['type']}.schema.json"]
+        for file in files:
             validator = Draft202012Validator(schemas[file], format_checker=checker)
-            errors = [e.message for e in validator.iter_errors(example["payload"])]
-            assert not errors, f"{name}/{example['name']} against {file}: {errors}"
+            errors = [e.message for e in validator.iter_errors(payload)]
+            assert not errors, f"{kind}/{example['name']} against {file}: {errors}"
 
 
 def test_every_example_is_accepted_by_the_models(doc: dict[str, Any]) -> None:
     """Command examples decode as the worker decodes; result examples are ResultEvents."""
-    for name, example in examples(doc):
-        if name == "resultEvent":
+    for kind, example in examples(doc):
+        if kind == "result":
             ResultEvent.model_validate(example["payload"])
         else:
             COMMAND.validate_json(json.dumps(example["payload"]))
@@ -159,12 +178,40 @@ def test_every_example_is_accepted_by_the_models(doc: dict[str, Any]) -> None:
 
 def test_examples_cover_every_command_type_and_status(doc: dict[str, Any]) -> None:
     """There are examples for both commands and for every status, plus a duplicate."""
-    payloads = [example["payload"] for name, example in examples(doc) if name == "resultEvent"]
+    payloads = [example["payload"] for kind, example in examples(doc) if kind == "result"]
     assert {p["status"] for p in payloads} == {"succeeded", "rejected", "failed", "expired"}
     assert any(p["duplicate"] for p in payloads)
-    commands = [ex["payload"]["type"] for name, ex in examples(doc) if name != "resultEvent"]
+    commands = [ex["payload"]["type"] for kind, ex in examples(doc) if kind == "command"]
     assert set(commands) == {"conference.update", "conference.supervisor_role"}
     assert {p["type"] for p in payloads} >= set(commands)
+
+
+def test_the_document_is_faststreams_view_of_the_worker_app(doc: dict[str, Any]) -> None:
+    """The subscriber's payload is the command union, the publishers' what they send."""
+    commands = message_of(doc, "conference-worker.commands")
+    union = doc["components"]["schemas"][payload_name(doc, commands)]
+    refs_ = {item["$ref"].rsplit("/", 1)[1] for item in union["oneOf"]}
+    assert refs_ == {"ConferenceUpdate", "SupervisorRoleChange"}
+    for channel in ("conference.results", "reply_to"):
+        assert payload_name(doc, message_of(doc, channel)) == "ResultEvent"
+    assert doc["operations"]["conference-worker.commands"]["bindings"]["amqp"]["ack"] is True
+
+
+def test_a_changed_subscriber_makes_the_document_stale(monkeypatch: pytest.MonkeyPatch) -> None:
+    """schemas/ goes stale when the worker's subscriber changes (here: its description)."""
+    from worker.app import broker
+
+    monkeypatch.setattr(broker, "_SUBSCRIBER_TEXT", "Commands, differently described.")
+    assert contract.stale(ROOT / "schemas") == [contract.ASYNCAPI]
+
+
+def test_another_queue_makes_the_document_stale() -> None:
+    """schemas/ goes stale when the subscriber's queue is another one."""
+    from worker.contract.asyncapi import document
+    from worker.settings import Topology
+
+    other = contract.render(document(Topology(commands_queue="elsewhere.commands")))
+    assert contract.stale(ROOT / "schemas", other) == [contract.ASYNCAPI]
 
 
 # (c) the documents are well-formed --------------------------------------------------------------
@@ -191,9 +238,10 @@ def test_operations_use_messages_of_their_channel(doc: dict[str, Any]) -> None:
     """Each operation's messages are messages of the operation's own channel."""
     actions = {name: op["action"] for name, op in doc["operations"].items()}
     assert actions == {
-        "receiveCommands": "receive",
-        "sendResults": "send",
-        "sendDeadLetters": "send",
+        "conference-worker.commands": "receive",
+        "conference.results": "send",
+        "reply_to": "send",
+        "conference.dead": "send",
     }
     for operation in doc["operations"].values():
         channel = operation["channel"]["$ref"]
@@ -344,5 +392,6 @@ def test_topology_names_match(contract_md: str, doc: dict[str, Any]) -> None:
     names = set()
     for channel in doc["channels"].values():
         amqp = channel["bindings"]["amqp"]
-        names.add(amqp["queue"]["name"] if amqp["is"] == "queue" else amqp["exchange"]["name"])
-    assert names - {""} == set(table(section(contract_md, "Topology")))
+        names.add(amqp["queue"]["name"] if amqp["is"] == "queue" else amqp["exchange"].get("name"))
+        names.add(channel.get("x-binding", {}).get("exchange"))  # a queue's exchange
+    assert names - {"", None} == set(table(section(contract_md, "Topology")))

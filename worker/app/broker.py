@@ -147,7 +147,7 @@ def _publishers(
     )
     dead = broker.publisher(
         exchange=top.dead_exchange(topology),
-        routing_key="{routing key of the command}",
+        routing_key="{routing_key}",
         persist=True,
         schema=Command,
         title=topology.dead_exchange,

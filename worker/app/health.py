@@ -6,8 +6,8 @@
   worker is not shutting down; 503 otherwise.  The JSON body lists every check with a reason,
   and each provider's circuit breaker state.
 - ``GET /metrics``: the Prometheus text format of the worker's own registry.
-- ``GET /asyncapi.yaml``: the AsyncAPI document of the wire contract (rendered from the models,
-  so it is there in an installed package too).
+- ``GET /asyncapi.yaml``: the AsyncAPI document of the wire contract, FastStream's document of
+  the worker's app (rendered at the first request, so it is there in an installed package too).
 """
 
 from __future__ import annotations
