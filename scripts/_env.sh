@@ -18,7 +18,7 @@ ensure_venv() {
     say "installing conference-worker and its development tools"
     "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null 2>&1 || true
     "$VENV/bin/python" -m pip install -q -e '.[dev]' 2>&1 | grep -v '^WARNING: Location' || true
-    "$VENV/bin/python" -c 'import worker, aio_pika, redis, aiohttp' # fail loudly if the install failed
+    "$VENV/bin/python" -c 'import worker, faststream, aio_pika, httpx, redis, aiohttp' # fail loudly if the install failed
     rm -f "$VENV"/.installed-*
     touch "$stamp"
   fi

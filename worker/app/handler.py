@@ -84,7 +84,7 @@ class CommandHandler:
         pending = set(self._inflight)
         if not pending:
             return
-        _, late = await asyncio.wait(pending, timeout=grace_s)
+        _, late = await asyncio.wait(pending, timeout=grace_s) if grace_s > 0 else ((), pending)
         for task in late:
             task.cancel()
         if late:

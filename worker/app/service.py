@@ -219,8 +219,9 @@ class Service:
         if self.handler is not None:
             self.handler.stopping()
         if self.subscriber is not None and self.handler is not None:
-            await _quiet_stop(self.subscriber)
-            await self.handler.drain(self.grace_s)
+            started = time.monotonic()
+            await _quiet_stop(self.subscriber)  # FastStream waits for those in flight, too
+            await self.handler.drain(max(self.grace_s - (time.monotonic() - started), 0.0))
         if self._renewing is not None:
             self._renewing.cancel()
         await self._close()
