@@ -20,7 +20,8 @@ On the hot path that costs no call of its own: ``claim(..., target=...)`` reads 
 :meth:`DedupStore.last_applied` / :meth:`DedupStore.mark_applied` do either alone.
 
 Backends are chosen by URL in :func:`make_dedup_store`: ``memory://``, ``sqlite:///path``,
-``redis://...``.
+``redis://...``, ``rediss://...``, ``unix:///path`` and ``redis+sentinel://...`` (the Redis forms
+are described in :mod:`worker.dedup.redis`).
 """
 
 from __future__ import annotations
@@ -128,12 +129,13 @@ def make_dedup_store(config: DedupConfig) -> DedupStore:
         from worker.dedup.sqlite import SqliteDedupStore
 
         return SqliteDedupStore(config)
-    if scheme in {"redis", "rediss", "unix"}:
+    if scheme in {"redis", "rediss", "unix", "redis+sentinel"}:
         from worker.dedup.redis import RedisDedupStore
 
         return RedisDedupStore(config)
     raise ValueError(
-        f"unsupported dedup URL scheme {scheme!r}: use memory://, sqlite:///, redis://"
+        f"unsupported dedup URL scheme {scheme!r}: use memory://, sqlite:///, redis://,"
+        " rediss://, unix:// or redis+sentinel://"
     )
 
 
