@@ -53,6 +53,19 @@ CommandDelivery = Annotated[
 ]
 Handle = Callable[[AbstractIncomingMessage], Awaitable[None]]
 
+_RESULTS_TEXT = (
+    "Every result event, routing key `<type>.<status>` (`unknown.rejected` when the type could "
+    "not be read)."
+)
+_REPLY_TEXT = (
+    "The same result event, also sent to the command's `reply_to` queue (direct reply-to works) "
+    "on the default exchange."
+)
+_DEAD_TEXT = (
+    "Every command that did not succeed (duplicates aside), as it came, with headers "
+    "x-error-code, x-error-message, x-attempts, x-original-routing-key, x-failed-at."
+)
+
 _SUBSCRIBER_TEXT = (
     "Commands to carry out. Each delivery gets exactly one result event; whatever did not "
     "succeed is also dead-lettered. Acknowledged only after the result's publisher confirm."
@@ -127,32 +140,22 @@ def subscribe(broker: RabbitBroker, topology: Topology, handle: Handle) -> Rabbi
 def _publishers(
     broker: RabbitBroker, topology: Topology
 ) -> tuple[RabbitPublisher, RabbitPublisher, RabbitPublisher, RabbitPublisher]:
-    results = broker.publisher(
-        exchange=top.results_exchange(topology),
-        routing_key="{type}.{status}",
-        persist=True,
-        schema=ResultEvent,
-        title=topology.results_exchange,
-        description="Every result event, routing key `<type>.<status>` (`unknown.rejected` when "
-        "the type could not be read).",
+    default = RabbitExchange()
+    documented = (
+        (top.results_exchange(topology), "{type}.{status}", ResultEvent, _RESULTS_TEXT),
+        (default, "{reply_to}", ResultEvent, _REPLY_TEXT),
+        (top.dead_exchange(topology), "{routing_key}", Any, _DEAD_TEXT),
     )
-    reply = broker.publisher(
-        exchange=RabbitExchange(),
-        routing_key="{reply_to}",
-        persist=True,
-        schema=ResultEvent,
-        title="reply_to",
-        description="The same result event, also sent to the command's `reply_to` queue "
-        "(direct reply-to works) on the default exchange.",
+    results, reply, dead = (
+        broker.publisher(
+            exchange=exchange,
+            routing_key=routing_key,
+            persist=True,
+            schema=schema,
+            title=exchange.name or "reply_to",
+            description=text,
+        )
+        for exchange, routing_key, schema, text in documented
     )
-    dead = broker.publisher(
-        exchange=top.dead_exchange(topology),
-        routing_key="{routing_key}",
-        persist=True,
-        schema=Command,
-        title=topology.dead_exchange,
-        description="Every command that did not succeed (duplicates aside), as it came, with "
-        "headers x-error-code, x-error-message, x-attempts, x-original-routing-key, x-failed-at.",
-    )
-    delay = broker.publisher(exchange=RabbitExchange(), persist=True, include_in_schema=False)
+    delay = broker.publisher(exchange=default, persist=True, include_in_schema=False)
     return results, reply, dead, delay
