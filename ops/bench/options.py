@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import argparse
 
-from .procs import ROOT, SCENARIOS
-from .report import BROKER_STALL_MS
+from .procs import KINDS, ROOT, SCENARIOS, Kind
+from .verdict import BROKER_STALL_MS
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m ops.bench.bench",
-        description="Benchmark the worker against the bare floor (see ops/bench/README.md).",
+        description="Benchmark the worker against the bare floor and the naive FastStream peer"
+        " (see ops/bench/README.md).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument(
@@ -34,6 +35,18 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         default=",".join(SCENARIOS),
         help="comma-separated subset of " + ",".join(SCENARIOS),
     )
+    p.add_argument(
+        "--consumers",
+        default=",".join(KINDS),
+        help="the consumers to run (a subset of " + ",".join(KINDS) + "); without worker, "
+        "only drain (and p99 with --rate) measure anything",
+    )
+    p.add_argument(
+        "--peer-scenarios",
+        default="drain",
+        help="the scenarios the naive peer runs in besides the worker: a comma-separated subset "
+        "of " + ",".join(SCENARIOS) + ", or all",
+    )
     p.add_argument("--out", default=str(ROOT / "ops" / "bench" / "results" / "latest.json"))
     p.add_argument(
         "--max-window-s",
@@ -45,13 +58,21 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         "--repeat",
         type=int,
         default=None,
-        help="floor/worker drain pairs, the medians judged (default 3: one pair swings ±10 %% "
-        "on a shared box; --quick 1)",
+        help="drain rounds (floor, worker, peer, the order rotated), the medians judged "
+        "(default 3: one round swings ±10 %% on a shared box; --quick 1)",
     )
     p.add_argument(
-        "--prefetch", type=int, default=256, help="CW_PREFETCH (and the floor's prefetch)"
+        "--prefetch",
+        type=int,
+        default=256,
+        help="CW_PREFETCH (and the floor's and the peer's prefetch)",
     )
-    p.add_argument("--pool-size", type=int, default=256, help="CW_HTTP_POOL_SIZE (and the floor's)")
+    p.add_argument(
+        "--pool-size",
+        type=int,
+        default=256,
+        help="CW_HTTP_POOL_SIZE (and the floor's; the peer keeps httpx's default)",
+    )
     p.add_argument("--conferences", type=int, default=1000, help="sandbox --conferences")
     p.add_argument("--latency-ms", type=float, default=100.0, help="sandbox latency of latency100")
     p.add_argument("--prefetch-latency", type=int, default=400, help="CW_PREFETCH in latency100")
@@ -141,4 +162,30 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     for item in args.worker_env:
         if "=" not in item:
             p.error(f"--worker-env {item!r}: expected NAME=VALUE")
+    args.consumers = consumers(p, args.consumers)
+    args.peer_scenarios = peer_scenarios(p, args.peer_scenarios)
     return args
+
+
+def _names(text: str) -> list[str]:
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
+def consumers(p: argparse.ArgumentParser, text: str) -> tuple[Kind, ...]:
+    """``--consumers`` as kinds, in the order of :data:`KINDS`."""
+    names = _names(text)
+    unknown = sorted(set(names) - set(KINDS))
+    if unknown or not names:
+        p.error(f"--consumers {text!r}: expected a subset of {','.join(KINDS)}")
+    return tuple(k for k in KINDS if k in names)
+
+
+def peer_scenarios(p: argparse.ArgumentParser, text: str) -> tuple[str, ...]:
+    """``--peer-scenarios`` as scenario names (``all``: every one)."""
+    names = _names(text)
+    if names == ["all"]:
+        return SCENARIOS
+    unknown = sorted(set(names) - set(SCENARIOS))
+    if unknown:
+        p.error(f"--peer-scenarios {text!r}: expected all or a subset of {','.join(SCENARIOS)}")
+    return tuple(s for s in SCENARIOS if s in names)

@@ -22,17 +22,10 @@ from rich.console import Console
 ROOT = Path(__file__).resolve().parents[2]
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 SCENARIOS = ("drain", "latency100", "p99", "rss")
-Kind = Literal["worker", "floor"]
+Kind = Literal["floor", "worker", "peer"]
+# The consumers: the bare floor, the worker, the naive FastStream peer (ops/bench/peer.py).
+KINDS: tuple[Kind, ...] = ("floor", "worker", "peer")
 console = Console() if Console().is_terminal else Console(width=150)
-
-# Acceptance thresholds of the issue.
-MAX_CPU_RATIO = 1.6
-MIN_THROUGHPUT_RATIO = 0.6
-MIN_LATENCY100_RATIO = 0.9
-MIN_LATENCY100_INFLIGHT = 300
-MAX_P99_MS = 25.0
-MAX_RSS_MB = 200.0
-RSS_INFLIGHT = 2000
 
 
 # --------------------------------------------------------------------------------------------

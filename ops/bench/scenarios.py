@@ -27,6 +27,7 @@ from .procs import (
     snap,
     status_kb,
 )
+from .profiling import start_profiler, summarize_profile
 from .stage import (
     Ctx,
     Sampler,
@@ -35,8 +36,6 @@ from .stage import (
     queue_state,
     stage,
     start_consumer,
-    start_profiler,
-    summarize_profile,
 )
 
 # --------------------------------------------------------------------------------------------
@@ -207,7 +206,7 @@ def _drain_metrics(spec: DrainSpec, w: Window) -> dict[str, Any]:
         "window_capped": w.capped,
         "warmup": spec.warmup,
         "prefetch": spec.prefetch,
-        "http_pool_size": spec.pool_size,
+        "http_pool_size": None if spec.kind == "peer" else spec.pool_size,  # httpx's default
         "sandbox_latency_ms": spec.sandbox.latency_ms,
         "window_s": round(seconds, 3),
         "throughput_cmd_s": round(rate(n, seconds), 1),
@@ -267,11 +266,12 @@ async def paced(
     ctx: Ctx, sandbox: SandboxProc, kind: Kind, offered: float, measured_max: float
 ) -> dict[str, Any]:
     """Offer ``offered`` commands/s to a running consumer; publish→result latency per command."""
-    name = "p99" if kind == "worker" else "p99-floor"
+    name = "p99" if kind == "worker" else f"p99-{kind}"
     args = ctx.args
     console.print(
         f"[bold]{name}[/]: {kind}, {offered:.0f} commands/s for {args.p99_seconds:g} s "
-        f"(half of {measured_max:.0f}), prefetch {args.prefetch}, sandbox latency 0 ms"
+        f"(half of {measured_max:.0f}), prefetch {args.prefetch}, "
+        f"sandbox latency {sandbox.latency_ms:g} ms"
     )
     async with stage(ctx, name, sandbox) as st:
         child = start_consumer(

@@ -6,14 +6,11 @@ import argparse
 import asyncio
 import contextlib
 import os
-import shutil
 import sys
 import time
-from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import orjson
@@ -181,17 +178,50 @@ def start_consumer(
     prefetch: int,
     pool_size: int,
 ) -> Child:
+    """Spawn the consumer of ``kind`` on ``topology`` (see :func:`consumer_command`)."""
+    argv, env = consumer_command(
+        ctx,
+        kind,
+        name=name,
+        topology=topology,
+        sandbox=sandbox,
+        prefetch=prefetch,
+        pool_size=pool_size,
+    )
+    return spawn(name, argv, env, ctx.logs)
+
+
+def consumer_command(
+    ctx: Ctx,
+    kind: Kind,
+    *,
+    name: str,
+    topology: Topology,
+    sandbox: SandboxProc,
+    prefetch: int,
+    pool_size: int,
+) -> tuple[list[str], dict[str, str]]:
+    """The argv and environment of a consumer; ``name`` is the stage's: the peer's dedup keys
+    are ``cw:peer:<run id>-<name>:<command id>``, deleted with the stage."""
     if kind == "worker":
         argv = [python(), "-m", "worker", "run", "--grace-s", "5"]
-        env = worker_env(ctx, topology, sandbox, prefetch, pool_size)
-        return spawn(name, argv, env, ctx.logs)
+        return argv, worker_env(ctx, topology, sandbox, prefetch, pool_size)
+    argv = [python(), "-m", f"ops.bench.{kind}", *pipeline_args(ctx, topology, sandbox, prefetch)]
+    if kind == "peer":
+        argv += ["--redis-url", ctx.args.dedup_url, "--run", f"{ctx.run_id}-{name}"]
+    else:
+        argv += ["--pool-size", str(pool_size)]
+    return argv, base_env()
+
+
+def pipeline_args(ctx: Ctx, topology: Topology, sandbox: SandboxProc, prefetch: int) -> list[str]:
+    """What the floor and the peer are both told: the broker, the queue, the providers."""
     fx = sandbox.fixtures
-    argv = [python(), "-m", "ops.bench.floor", "--amqp-url", ctx.args.amqp_url]
+    argv = ["--amqp-url", ctx.args.amqp_url]
     argv += ["--queue", topology.commands_queue, "--results-exchange", topology.results_exchange]
     argv += ["--telnyx-url", sandbox.base_url, "--telnyx-key", fx.telnyx_api_key]
     argv += ["--vinix-url", sandbox.base_url, "--vinix-key", fx.vinix_api_key]
-    argv += ["--prefetch", str(prefetch), "--pool-size", str(pool_size)]
-    return spawn(name, argv, base_env(), ctx.logs)
+    return [*argv, "--prefetch", str(prefetch)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -243,10 +273,12 @@ APPLIED = "cw:applied:*"  # the worker's per-target marks (kept a day), not name
 
 
 async def delete_dedup_keys(ctx: Ctx, prefix: str, before: frozenset[bytes] | None) -> int:
-    """The worker's ``cw:dedup:<command id>`` keys of this scenario, and the applied marks it
-    made: those not among ``before`` (None: the marks there before were not read, keep all)."""
+    """The worker's ``cw:dedup:<command id>`` keys of this scenario, the peer's
+    ``cw:peer:<prefix>:<command id>``, and the applied marks the worker made: those not among
+    ``before`` (None: the marks there before were not read, keep all)."""
     deleted = 0
-    matches = [f"cw:dedup:{prefix}-*"] + ([APPLIED] if before is not None else [])
+    matches = [f"cw:dedup:{prefix}-*", f"cw:peer:{prefix}:*"]
+    matches += [APPLIED] if before is not None else []
     try:
         for match in matches:
             keys = [k async for k in ctx.redis.scan_iter(match=match, count=2000)]
@@ -313,76 +345,3 @@ class Sampler:
 
     def between(self, start: float, end: float) -> list[tuple[float, int, int]]:
         return [s for s in self.samples if start <= s[0] <= end and s[2] >= 0]
-
-
-# --------------------------------------------------------------------------------------------
-# Profiling (optional): py-spy attached to the consumer for the measured window.
-
-
-def start_profiler(ctx: Ctx, child: Child, name: str) -> Child | None:
-    spy = shutil.which("py-spy", path=str(Path(python()).parent)) or shutil.which("py-spy")
-    if spy is None:
-        console.print("[yellow]--profile: py-spy is not installed (pip install py-spy); skipped")
-        return None
-    fmt = ctx.args.profile_format
-    suffix = {"raw": "txt", "flamegraph": "svg", "speedscope": "json"}[fmt]
-    out = ctx.logs / f"{name}.pyspy.{suffix}"
-    argv = [spy, "record", "--pid", str(child.pid), "--rate", str(ctx.args.profile_rate)]
-    argv += ["--format", fmt, "--output", str(out)]
-    if ctx.args.profile_nonblocking:
-        argv.append("--nonblocking")  # cheaper, but many stacks come back truncated
-    ctx.profiles[name] = str(out)
-    return spawn(f"{name}.pyspy", argv, base_env(), ctx.logs)
-
-
-def summarize_profile(path: Path, top: int = 20) -> dict[str, Any]:
-    """Self and inclusive time by function, and by library, from py-spy's raw (collapsed) output."""
-    self_time: Counter[str] = Counter()
-    inclusive: Counter[str] = Counter()
-    areas: Counter[str] = Counter()
-    total = 0
-    for line in path.read_text(errors="replace").splitlines():
-        stack, _, count_text = line.rpartition(" ")
-        if not stack or not count_text.isdigit():
-            continue
-        count = int(count_text)
-        total += count
-        frames = [_frame(f) for f in stack.split(";") if f]
-        if not frames:
-            continue
-        self_time[frames[-1]] += count
-        for frame in set(frames):
-            inclusive[frame] += count
-        areas[_area(stack.split(";")[-1])] += count
-
-    def share(counter: Counter[str]) -> list[tuple[str, float]]:
-        return [(k, round(100.0 * v / total, 1)) for k, v in counter.most_common(top)]
-
-    return {
-        "samples": total,
-        "self_pct": share(self_time),
-        "inclusive_pct": share(inclusive),
-        "leaf_by_library_pct": share(areas),
-    }
-
-
-def _frame(frame: str) -> str:
-    """``func (path/to/file.py:123)`` → ``func (file.py)``: lines merged."""
-    name, _, where = frame.partition(" (")
-    file = where.rsplit(":", 1)[0].rstrip(")")
-    return f"{name} ({_short(file)})"
-
-
-def _short(file: str) -> str:
-    if "site-packages/" in file:
-        return file.split("site-packages/", 1)[1]
-    for marker in ("/worker/", "/ops/"):
-        if marker in file:
-            return marker.strip("/") + "/" + file.split(marker, 1)[1]
-    return file.rsplit("/lib/python3", 1)[-1].split("/", 1)[-1] if "/lib/python3" in file else file
-
-
-def _area(frame: str) -> str:
-    file = _short(frame.partition(" (")[2].rsplit(":", 1)[0])
-    head = file.split("/", 1)[0]
-    return head.removesuffix(".py") if "/" in file or file.endswith(".py") else file
