@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+from collections.abc import Sequence
 from types import SimpleNamespace
 from typing import Any
 
@@ -13,7 +15,13 @@ from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
     OTLPSpanExporter as HttpExporter,
 )
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.export import (
+    BatchSpanProcessor,
+    ConsoleSpanExporter,
+    SpanExporter,
+    SpanExportResult,
+)
 from opentelemetry.trace import SpanKind
 from prometheus_client.parser import text_string_to_metric_families
 from yarl import URL
@@ -21,7 +29,6 @@ from yarl import URL
 from tests.unit.test_pipeline import FakeProvider, make, role
 from worker.observability.metrics import Metrics
 from worker.observability.observe import Observer
-from worker.observability.otlp import LoopSpanProcessor, OtlpHttp
 from worker.observability.sampling import HeadSampler
 from worker.observability.telemetry import (
     DEFAULT_RATIO,
@@ -76,18 +83,66 @@ def test_no_endpoint_means_no_tracing() -> None:
     assert Telemetry.from_env({}).tracer is None
 
 
-def test_an_endpoint_selects_otlp_over_http() -> None:
-    """OTEL_EXPORTER_OTLP_ENDPOINT alone selects OTLP http/protobuf at <endpoint>/v1/traces."""
-    config = tracing_config({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318/"})
+def batch_processors(telemetry: Telemetry) -> list[BatchSpanProcessor]:
+    """The provider's span processors (each must be a BatchSpanProcessor)."""
+    assert telemetry.provider is not None
+    processors = telemetry.provider._active_span_processor._span_processors
+    assert all(isinstance(p, BatchSpanProcessor) for p in processors)
+    return [p for p in processors if isinstance(p, BatchSpanProcessor)]
+
+
+def exporter_of(processor: BatchSpanProcessor) -> SpanExporter:
+    """The exporter behind a BatchSpanProcessor."""
+    exporter = processor._batch_processor._exporter
+    assert isinstance(exporter, SpanExporter)
+    return exporter
+
+
+@pytest.mark.parametrize(
+    ("environ", "url"),
+    [
+        (
+            {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318/"},
+            "http://collector:4318/v1/traces",
+        ),
+        (
+            {
+                "OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318",
+                "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://t:9999/x",
+                "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
+            },
+            "http://t:9999/x",
+        ),
+    ],
+)
+async def test_an_endpoint_selects_otlp_over_http(environ: dict[str, str], url: str) -> None:
+    """An OTLP endpoint (protocol http/protobuf, the default) builds one BatchSpanProcessor with
+    the SDK's HTTP OTLPSpanExporter posting to <endpoint>/v1/traces, or to the _TRACES_ endpoint
+    verbatim."""
+    config = tracing_config(environ)
     assert (config.exporters, config.protocol) == (frozenset({"otlp"}), "http/protobuf")
-    assert config.endpoint == "http://collector:4318/v1/traces"
-    (processor,) = make_processors(config, {})
-    assert isinstance(processor, LoopSpanProcessor)
-    deflate = {"OTEL_EXPORTER_OTLP_COMPRESSION": "deflate"}  # the SDK's exporter does that
-    (processor,) = make_processors(config, deflate)
-    assert isinstance(processor, BatchSpanProcessor)
-    assert isinstance(processor._batch_processor._exporter, HttpExporter)
-    processor.shutdown()  # type: ignore[no-untyped-call]  # its thread
+    telemetry = Telemetry.from_env(environ)
+    assert telemetry.tracer is not None
+    (processor,) = batch_processors(telemetry)
+    exporter = exporter_of(processor)
+    assert isinstance(exporter, HttpExporter)
+    assert exporter._endpoint == url
+    await telemetry.shutdown()
+
+
+@pytest.mark.parametrize(
+    "environ",
+    [
+        {},
+        {"OTEL_TRACES_EXPORTER": "none", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318"},
+        {"OTEL_SDK_DISABLED": "true", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318"},
+    ],
+)
+def test_none_or_unset_builds_no_tracer(environ: dict[str, str]) -> None:
+    """OTEL_TRACES_EXPORTER=none, OTEL_SDK_DISABLED=true or no OTEL_* variable at all: no
+    tracer and no provider (so no exporter thread)."""
+    telemetry = Telemetry.from_env(environ)
+    assert (telemetry.tracer, telemetry.provider) == (None, None)
 
 
 def test_export_batches_are_small_unless_configured() -> None:
@@ -99,25 +154,53 @@ def test_export_batches_are_small_unless_configured() -> None:
     assert tracing_config(configured).export_batch is None
 
 
-def test_the_loop_exporter_reads_the_standard_variables() -> None:
-    """Headers, timeout, gzip and OTEL_BSP_* as the SDK reads them; traces-specific ones win."""
-    config = OtlpHttp.from_env(
-        {
-            "OTEL_EXPORTER_OTLP_HEADERS": "a=1,b=2%203",
-            "OTEL_EXPORTER_OTLP_TRACES_HEADERS": "c=4",
-            "OTEL_EXPORTER_OTLP_TIMEOUT": "2.5",
-            "OTEL_EXPORTER_OTLP_COMPRESSION": "gzip",
-            "OTEL_BSP_MAX_QUEUE_SIZE": "100",
-            "OTEL_BSP_SCHEDULE_DELAY": "250",
-        },
-        "http://c:4318/v1/traces",
-        batch=64,
-    )
-    assert config is not None
-    assert (config.headers, config.timeout_s, config.gzip) == ({"c": "4"}, 2.5, True)
-    assert (config.max_queue, config.batch, config.delay_s) == (100, 64, 0.25)
-    with pytest.raises(ValueError, match="OTEL_BSP_MAX_QUEUE_SIZE"):
-        OtlpHttp.from_env({"OTEL_BSP_MAX_QUEUE_SIZE": "many"}, None, batch=64)
+async def test_the_sdk_processor_batches_64_unless_configured(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The BatchSpanProcessor exports 64 spans at a time unless OTEL_BSP_MAX_EXPORT_BATCH_SIZE
+    is set; that and the other OTEL_BSP_* variables are read by the SDK itself."""
+    endpoint = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318"}
+    for name, value in endpoint.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("OTEL_BSP_MAX_QUEUE_SIZE", "100")
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "250")
+    default = Telemetry.from_env(os.environ)
+    (processor,) = batch_processors(default)
+    batch = processor._batch_processor
+    assert (batch._max_export_batch_size, batch._max_queue_size) == (64, 100)
+    assert batch._schedule_delay_millis == 250
+    await default.shutdown()
+    monkeypatch.setenv("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "10")
+    configured = Telemetry.from_env(os.environ)
+    (processor,) = batch_processors(configured)
+    assert processor._batch_processor._max_export_batch_size == 10
+    await configured.shutdown()
+
+
+class Recorder(SpanExporter):
+    """An exporter keeping what it is given."""
+
+    def __init__(self) -> None:
+        self.names: list[str] = []
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        self.names += [span.name for span in spans]
+        return SpanExportResult.SUCCESS
+
+
+async def test_shutdown_flushes_the_queued_spans(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Spans still queued (far from a full batch, long before the schedule delay) reach the
+    exporter when shutdown() flushes the provider."""
+    recorder = Recorder()
+    monkeypatch.setattr("worker.observability.telemetry._otlp_exporter", lambda config: recorder)
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "60000")
+    telemetry = Telemetry.from_env({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318"})
+    assert telemetry.tracer is not None
+    telemetry.tracer.start_span("late").end()
+    telemetry.tracer.start_span("later").end()
+    assert recorder.names == []
+    await telemetry.shutdown()
+    assert recorder.names == ["late", "later"]
 
 
 def test_grpc_keeps_the_endpoint_and_traces_endpoint_wins() -> None:
@@ -126,7 +209,7 @@ def test_grpc_keeps_the_endpoint_and_traces_endpoint_wins() -> None:
         {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4317", "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"}
     )
     assert (grpc.protocol, grpc.endpoint) == ("grpc", "http://c:4317")
-    (processor,) = make_processors(grpc, {})
+    (processor,) = make_processors(grpc)
     assert isinstance(processor, BatchSpanProcessor)
     assert isinstance(processor._batch_processor._exporter, GrpcExporter)
     processor.shutdown()  # type: ignore[no-untyped-call]  # its thread
@@ -155,7 +238,7 @@ def test_exporter_selection(environ: dict[str, str], exporters: set[str]) -> Non
 
 def test_console_exporter_is_built() -> None:
     """console builds a ConsoleSpanExporter."""
-    (processor,) = make_processors(TracingConfig(exporters=frozenset({"console"})), {})
+    (processor,) = make_processors(TracingConfig(exporters=frozenset({"console"})))
     assert isinstance(processor, BatchSpanProcessor)
     assert isinstance(processor._batch_processor._exporter, ConsoleSpanExporter)
     processor.shutdown()  # type: ignore[no-untyped-call]  # its thread

@@ -1,20 +1,21 @@
 """Traces and metrics, built once at the composition root and handed down; nothing global.
 
 :meth:`Telemetry.from_env` reads the standard ``OTEL_*`` variables itself and builds a
-``TracerProvider`` of its own (never installed as the global one):
+``TracerProvider`` of its own (never installed as the global one).  Spans are exported only by
+the OpenTelemetry SDK: each exporter sits behind the SDK's ``BatchSpanProcessor``, whose thread
+encodes and sends them.
 
 - ``OTEL_TRACES_EXPORTER``: ``otlp``, ``console`` or ``none`` (a comma-separated list is
   accepted).  Default: ``otlp`` when ``OTEL_EXPORTER_OTLP_ENDPOINT`` (or ``..._TRACES_ENDPOINT``)
   is set, else ``none``.  ``OTEL_SDK_DISABLED=true`` means ``none``.
-- ``OTEL_EXPORTER_OTLP_PROTOCOL`` (or ``..._TRACES_PROTOCOL``): ``http/protobuf`` (default) or
-  ``grpc``.  OTLP/HTTP spans are encoded and posted from the event loop
-  (:class:`~worker.observability.otlp.LoopSpanProcessor`: no exporter thread to take the GIL
-  from the loop),
-  which reads the usual ``OTEL_EXPORTER_OTLP_*`` headers, timeout, ``gzip`` compression and
-  certificates, and ``OTEL_BSP_*``.  grpc, ``deflate`` or a credential provider use the SDK's
-  exporter behind a ``BatchSpanProcessor`` thread instead.  ``OTEL_BSP_MAX_EXPORT_BATCH_SIZE``
-  defaults to :data:`DEFAULT_EXPORT_BATCH` here (the SDK's is 512: a thread encoding 512 spans at
-  once stalled the loop for tens of milliseconds, ops/bench/RESULTS.md).
+- ``OTEL_EXPORTER_OTLP_PROTOCOL`` (or ``..._TRACES_PROTOCOL``): ``http/protobuf`` (default), the
+  SDK's OTLP/HTTP ``OTLPSpanExporter`` posting to ``<endpoint>/v1/traces`` (or to
+  ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` as given), or ``grpc``, the SDK's grpc exporter (the
+  endpoint as given).  Only that endpoint is passed; the exporters read the other
+  ``OTEL_EXPORTER_OTLP_*`` variables (headers, timeout, compression, certificates) themselves.
+- ``OTEL_BSP_*`` are read by the SDK's ``BatchSpanProcessor``, except that
+  ``OTEL_BSP_MAX_EXPORT_BATCH_SIZE`` defaults to :data:`DEFAULT_EXPORT_BATCH` here when unset
+  (the SDK's is 512: a thread encoding 512 spans at once stalls the loop).
 - ``OTEL_TRACES_SAMPLER`` (default ``parentbased_traceidratio``) and ``OTEL_TRACES_SAMPLER_ARG``
   (default :data:`DEFAULT_RATIO`): a publisher's sampling decision is followed; commands that
   arrive without one are sampled at the ratio.  The decision is the observer's
@@ -22,9 +23,13 @@
   SDK builds anything; the SDK's own sampler is ``ALWAYS_ON`` for what it is then asked to record.
 - ``OTEL_SERVICE_NAME`` (default ``conference-worker``), ``OTEL_RESOURCE_ATTRIBUTES``.
 
+The variables the SDK reads itself (``OTEL_EXPORTER_OTLP_*`` but the endpoint, ``OTEL_BSP_*``,
+``OTEL_RESOURCE_ATTRIBUTES``) come from ``os.environ``, whatever mapping ``from_env`` is given.
+
 With tracing off :attr:`Telemetry.tracer` is None and the hot path skips every span.  Metrics
 always go to a Prometheus registry of this object's own
-(:class:`worker.observability.metrics.Metrics`).
+(:class:`worker.observability.metrics.Metrics`).  :meth:`Telemetry.shutdown` flushes and shuts
+the provider down in a thread (the exporters' calls block).
 """
 
 from __future__ import annotations
@@ -50,7 +55,6 @@ from opentelemetry.sdk.trace.sampling import ALWAYS_ON
 from opentelemetry.trace import Tracer
 
 from worker.observability.metrics import Metrics
-from worker.observability.otlp import LoopSpanProcessor, OtlpHttp
 from worker.observability.sampling import HeadSampler
 
 log = logging.getLogger("worker.observability.telemetry")
@@ -84,7 +88,7 @@ class TracingConfig:
     sampler: str = DEFAULT_SAMPLER
     ratio: float = DEFAULT_RATIO
     service_name: str = SERVICE_NAME
-    export_batch: int | None = DEFAULT_EXPORT_BATCH  # None: the SDK reads OTEL_BSP_* itself
+    export_batch: int | None = DEFAULT_EXPORT_BATCH  # None: the SDK reads the variable itself
 
     @property
     def enabled(self) -> bool:
@@ -156,27 +160,18 @@ def head_sampler(config: TracingConfig) -> HeadSampler:
     return HeadSampler(ratio, parent_based=config.sampler.startswith("parentbased_"))
 
 
-def make_processors(config: TracingConfig, environ: Mapping[str, str]) -> list[SpanProcessor]:
-    """The span processors ``config`` names (exporters imported only when used)."""
-    processors: list[SpanProcessor] = []
+def make_processors(config: TracingConfig) -> list[SpanProcessor]:
+    """The span processors ``config`` names, each a ``BatchSpanProcessor`` (exporters imported
+    only when used)."""
+    exporters: list[SpanExporter] = []
     if "console" in config.exporters:
-        console = ConsoleSpanExporter(service_name=config.service_name)
-        processors.append(BatchSpanProcessor(console, max_export_batch_size=config.export_batch))
+        exporters.append(ConsoleSpanExporter(service_name=config.service_name))
     if "otlp" in config.exporters:
-        batch = config.export_batch or DEFAULT_EXPORT_BATCH
-        http = (
-            OtlpHttp.from_env(environ, config.endpoint, batch)
-            if config.protocol == "http/protobuf"
-            else None
-        )
-        if http is not None:
-            processors.append(LoopSpanProcessor(http))
-        else:
-            exporter = _otlp_exporter(config)
-            processors.append(
-                BatchSpanProcessor(exporter, max_export_batch_size=config.export_batch)
-            )
-    return processors
+        exporters.append(_otlp_exporter(config))
+    return [
+        BatchSpanProcessor(exporter, max_export_batch_size=config.export_batch)
+        for exporter in exporters
+    ]
 
 
 def _otlp_exporter(config: TracingConfig) -> SpanExporter:
@@ -218,7 +213,6 @@ class Telemetry:
     provider: TracerProvider | None = None
     exporter: InMemorySpanExporter | None = None  # only for :meth:`in_memory`
     config: TracingConfig = field(default_factory=TracingConfig)
-    in_loop: list[LoopSpanProcessor] = field(default_factory=list)  # exporting from the loop
 
     @classmethod
     def from_env(
@@ -232,14 +226,11 @@ class Telemetry:
         provider = TracerProvider(
             sampler=ALWAYS_ON, resource=_resource(config.service_name, instance)
         )
-        processors = make_processors(config, environ)
-        for processor in processors:
+        for processor in make_processors(config):
             provider.add_span_processor(processor)
         head = head_sampler(config)
         log.info("tracing: %s, sampler %r", ",".join(sorted(config.exporters)), head)
-        telemetry = cls(_tracer(provider), head, provider=provider, config=config)
-        telemetry.in_loop = [p for p in processors if isinstance(p, LoopSpanProcessor)]
-        return telemetry
+        return cls(_tracer(provider), head, provider=provider, config=config)
 
     @classmethod
     def in_memory(cls, head: HeadSampler | None = None) -> Telemetry:
@@ -257,11 +248,14 @@ class Telemetry:
         return cls()
 
     async def shutdown(self) -> None:
-        """Flush and stop the exporters (the SDK's in a thread: their exporting may block)."""
-        for processor in self.in_loop:
-            await processor.aclose()
+        """Flush the spans still queued and stop the exporters, in a thread (exporting blocks)."""
         if self.provider is not None:
-            await asyncio.to_thread(self.provider.shutdown)
+            await asyncio.to_thread(_flush_and_shut_down, self.provider)
+
+
+def _flush_and_shut_down(provider: TracerProvider) -> None:
+    provider.force_flush()
+    provider.shutdown()
 
 
 def _tracer(provider: TracerProvider) -> Tracer:
