@@ -181,7 +181,7 @@ async def test_a_crash_rejects_the_delivery_back_to_the_queue(
 ) -> None:
     """A bug in processing publishes nothing and returns the delivery to the queue."""
 
-    async def crash(*_: Any, **__: Any) -> Any:
+    def crash(*_: Any, **__: Any) -> Any:
         raise RuntimeError("bug")
 
     monkeypatch.setattr("worker.app.handler.delivery_of", crash)

@@ -22,14 +22,12 @@ import math
 import os
 import re
 import struct
-from collections.abc import AsyncIterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any, get_args
 from urllib.parse import quote, unquote, urlsplit
 
+import httpx
 import orjson
 import pytest
 from hypothesis import HealthCheck, currently_in_test_context, event, given, settings
@@ -37,7 +35,6 @@ from hypothesis import strategies as st
 from pamqp import frame
 from pamqp.header import ContentHeader
 from pydantic import SecretStr
-from yarl import URL
 
 from tests.unit.test_pipeline import LIMIT, FakeProvider, make, process
 from worker.contract import codec
@@ -45,7 +42,6 @@ from worker.contract.messages import COMMAND_TYPES, ErrorCode, ResultEvent
 from worker.errors import InvalidMessage
 from worker.pipeline.process import Outcome
 from worker.providers import ProviderSuccess
-from worker.providers.http import JsonHttp
 from worker.providers.telnyx import TelnyxClient
 from worker.providers.vinix import VinixClient
 from worker.settings import ProviderConfig
@@ -140,52 +136,26 @@ NASTY = (
 # --- the recording transport and the providers over it ------------------------------------------
 
 
-@dataclass
-class Canned:
-    """An aiohttp response as far as JsonHttp reads it: status, body bytes, headers."""
-
-    status: int
-    body: bytes
-    headers: dict[str, str] = field(default_factory=dict)
-
-    async def read(self) -> bytes:
-        return self.body
-
-
-class RecordingSession:
-    """Stands in for JsonHttp's aiohttp.ClientSession: remembers every request and answers it
-    with a 2xx (a token for ``/api_auth``); never opens a connection."""
+class RecordingTransport(httpx.MockTransport):
+    """The transport under the real JsonHttp (request building, JSON encoding, answer parsing):
+    remembers every request exactly as it reached the transport (method, URL, all headers) and
+    answers it with a 2xx (a token for ``/api_auth``); never opens a connection."""
 
     def __init__(self) -> None:
-        self.sent: list[tuple[str, URL, dict[str, str]]] = []
+        super().__init__(self.answer)
+        self.sent: list[tuple[str, httpx.URL, dict[str, str]]] = []
 
-    @asynccontextmanager
-    async def request(
-        self, method: str, url: URL, *, headers: Mapping[str, str], **_: Any
-    ) -> AsyncIterator[Canned]:
-        self.sent.append((method, url, dict(headers)))
-        if url.raw_path.endswith("/api_auth"):
-            yield Canned(200, orjson.dumps({"auth_token": TOKEN}))
-        else:
-            yield Canned(200, orjson.dumps({"data": {"result": "ok"}}))
-
-
-class RecordingHttp(JsonHttp):
-    """The real JsonHttp (request building, JSON encoding, answer parsing) over a
-    RecordingSession instead of a connection pool; ``sent`` is what reached the session."""
-
-    def __init__(self, name: str) -> None:
-        assert name in ("vinix", "telnyx")
-        super().__init__(ProviderConfig(name, BASE[name], SecretStr(API_KEY)))  # type: ignore[arg-type]
-        session = RecordingSession()
-        self._session = session  # type: ignore[assignment]
-        self.sent = session.sent
+    def answer(self, request: httpx.Request) -> httpx.Response:
+        self.sent.append((request.method, request.url, dict(request.headers)))
+        if request.url.raw_path.endswith(b"/api_auth"):
+            return httpx.Response(200, content=orjson.dumps({"auth_token": TOKEN}))
+        return httpx.Response(200, content=orjson.dumps({"data": {"result": "ok"}}))
 
 
 class Through(FakeProvider):
     """A real provider client behind the test pipeline's provider slot."""
 
-    def __init__(self, client: VinixClient | TelnyxClient, http: RecordingHttp) -> None:
+    def __init__(self, client: VinixClient | TelnyxClient, http: RecordingTransport) -> None:
         super().__init__(client.name)
         self.client = client
         self.http = http
@@ -197,11 +167,11 @@ class Through(FakeProvider):
 
 def providers() -> tuple[Through, Through]:
     """Real Vinix and Telnyx clients, each over its own recording transport."""
-    vinix_http, telnyx_http = RecordingHttp("vinix"), RecordingHttp("telnyx")
-    vinix = VinixClient(ProviderConfig("vinix", BASE["vinix"], SecretStr(API_KEY)))
-    telnyx = TelnyxClient(ProviderConfig("telnyx", BASE["telnyx"], SecretStr(API_KEY)))
-    vinix._http = vinix_http
-    telnyx._http = telnyx_http
+    vinix_http, telnyx_http = RecordingTransport(), RecordingTransport()
+    vinix_config = ProviderConfig("vinix", BASE["vinix"], SecretStr(API_KEY))
+    telnyx_config = ProviderConfig("telnyx", BASE["telnyx"], SecretStr(API_KEY))
+    vinix = VinixClient(vinix_config, transport=vinix_http)
+    telnyx = TelnyxClient(telnyx_config, transport=telnyx_http)
     return Through(vinix, vinix_http), Through(telnyx, telnyx_http)
 
 
@@ -533,7 +503,9 @@ async def check_consume(body: bytes) -> None:
     check_requests(command, vinix.http.sent + telnyx.http.sent)
 
 
-def check_requests(command: codec.AnyCommand, sent: list[tuple[str, URL, dict[str, str]]]) -> None:
+def check_requests(
+    command: codec.AnyCommand, sent: list[tuple[str, httpx.URL, dict[str, str]]]
+) -> None:
     """Every request has one of the legitimate shapes, the ids exactly in their segments."""
     provider = "vinix" if command.type == "conference.update" else "telnyx"
     if provider == "vinix":

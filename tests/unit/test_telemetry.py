@@ -9,6 +9,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from httpx import URL
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
     OTLPSpanExporter as GrpcExporter,
 )
@@ -24,7 +25,6 @@ from opentelemetry.sdk.trace.export import (
 )
 from opentelemetry.trace import SpanKind
 from prometheus_client.parser import text_string_to_metric_families
-from yarl import URL
 
 from tests.unit.test_pipeline import FakeProvider, make, role
 from worker.observability.metrics import Metrics

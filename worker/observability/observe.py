@@ -29,12 +29,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+import httpx
 from opentelemetry import context, trace
 from opentelemetry.context import Context
 from opentelemetry.propagators.textmap import Getter
 from opentelemetry.trace import NonRecordingSpan, Span, SpanContext, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
-from yarl import URL
 
 from worker.observability.metrics import Metrics, type_label
 from worker.observability.telemetry import Telemetry
@@ -266,7 +266,7 @@ class Observer:
     # --- provider requests (worker.providers.http.RequestObserver) -----------------------------
 
     def request_started(
-        self, provider: str, method: str, url: URL, headers: Mapping[str, str]
+        self, provider: str, method: str, url: httpx.URL, headers: Mapping[str, str]
     ) -> tuple[Span | None, Mapping[str, str]]:
         """A CLIENT span when the command is recorded; ``traceparent`` added to the headers."""
         if self.tracer is None:
@@ -340,12 +340,18 @@ def _describe(span: Span, outcome: Outcome, fields: dict[str, Any]) -> None:
         span.set_status(Status(StatusCode.ERROR, fields["error_code"]))
 
 
-def _client_attributes(provider: str, method: str, url: URL) -> dict[str, Any]:
-    """HTTP client attributes; ``url.full`` without credentials or query string."""
-    clean = url.with_user(None).with_query(None).with_fragment(None)
+def _client_attributes(provider: str, method: str, url: httpx.URL) -> dict[str, Any]:
+    """HTTP client attributes; ``url.full`` without credentials, query string or fragment.
+
+    The URL is read as its encoded text (where ``?``, ``#`` and ``@`` are delimiters only), its
+    ``host`` and its ``port`` (httpx gives it only when explicit and not the scheme's default).
+    """
+    scheme, _, rest = str(url).partition("://")
+    rest = rest.partition("#")[0].partition("?")[0]
+    authority, slash, path = rest.partition("/")
     attributes: dict[str, Any] = {
         "http.request.method": method,
-        "url.full": str(clean),
+        "url.full": f"{scheme}://{authority.rpartition('@')[2]}{slash}{path}",
         "server.address": url.host or "",
         "conference_worker.provider": provider,
     }

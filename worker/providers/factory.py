@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import httpx
+
 from worker.providers import Provider
 from worker.providers.http import RequestObserver
 from worker.providers.telnyx import TelnyxClient
@@ -9,10 +11,16 @@ from worker.providers.vinix import VinixClient
 from worker.settings import ProviderConfig
 
 
-def make_provider(config: ProviderConfig, observer: RequestObserver | None = None) -> Provider:
-    """A :class:`VinixClient` or :class:`TelnyxClient` for ``config.name``."""
+def make_provider(
+    config: ProviderConfig,
+    observer: RequestObserver | None = None,
+    *,
+    transport: httpx.AsyncBaseTransport | None = None,
+) -> Provider:
+    """A :class:`VinixClient` or :class:`TelnyxClient` for ``config.name``; ``transport``
+    replaces its pool's transport (tests hand in ``httpx.MockTransport``)."""
     if config.name == "vinix":
-        return VinixClient(config, observer=observer)
+        return VinixClient(config, observer=observer, transport=transport)
     if config.name == "telnyx":
-        return TelnyxClient(config, observer)
+        return TelnyxClient(config, observer, transport=transport)
     raise ValueError(f"unknown provider {config.name!r}")

@@ -1,10 +1,17 @@
 """The HTTP boundary shared by the provider clients.
 
-One :class:`JsonHttp` per client owns one ``aiohttp.ClientSession``.  It sends one JSON request
-and hands back the answer, or raises :class:`~worker.errors.ProviderUnavailable` for everything
-that is not an answer (connection errors, timeouts, broken payloads, a 2xx that is not JSON).
-:func:`classify` turns an HTTP status into the contract's error code, :func:`provider_error` into
-the matching exception, and :func:`retry_after` reads how long the provider asked us to wait.
+One :class:`JsonHttp` per client owns one long-lived ``httpx.AsyncClient`` (one connection pool of
+``pool_size``, keep-alive 30 s, ``timeout_s`` per phase and for the whole request, no redirects,
+TLS verified against the system's CAs, no proxy or certificate settings taken from the
+environment).  Its transport is :class:`~worker.providers.transport.AiohttpTransport` (httpx on
+an aiohttp pool, the faster of the two measured), or httpx's own (``backend="httpcore"``), or one
+a test hands in (``transport=``, e.g. ``httpx.MockTransport``).  It sends one JSON request (orjson,
+``content=``) and hands back the answer, or raises :class:`~worker.errors.ProviderUnavailable`
+for everything that is not an answer: a timeout (``timed out after …s``), any other httpx
+transport error (its class name), a body that cannot be decoded, a 2xx that is not JSON.  httpx's
+errors are translated here and nowhere else.  :func:`classify` turns an HTTP status into the
+contract's error code, :func:`provider_error` into the matching exception, and
+:func:`retry_after` reads how long the provider asked us to wait.
 
 Nothing here puts a secret into a message: URLs carry no credentials, headers are never echoed,
 and :func:`redact` scrubs what a provider echoes back.
@@ -12,8 +19,10 @@ and :func:`redact` scrubs what a provider echoes back.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import re
+import ssl
 import time
 import uuid
 from collections.abc import Iterable, Mapping
@@ -24,9 +33,8 @@ from functools import lru_cache
 from typing import Any, Literal, Protocol
 from urllib.parse import quote
 
-import aiohttp
+import httpx
 import orjson
-from yarl import URL
 
 from worker.errors import (
     InvalidMessage,
@@ -36,6 +44,7 @@ from worker.errors import (
     ProviderUnavailable,
     WorkerError,
 )
+from worker.providers.transport import AiohttpTransport
 from worker.settings import ProviderConfig
 
 ProviderErrorCode = Literal[
@@ -45,7 +54,10 @@ ProviderErrorCode = Literal[
     "provider_unavailable",
     "rate_limited",
 ]
+Backend = Literal["aiohttp", "httpcore"]
 TRANSIENT_CODES: frozenset[str] = frozenset({"provider_unavailable", "rate_limited"})
+DEFAULT_BACKEND: Backend = "aiohttp"
+KEEPALIVE_S = 30.0
 MAX_MESSAGE_CHARS = 500
 REDACTED = "[REDACTED]"
 
@@ -54,7 +66,8 @@ _DELTA_SECONDS = re.compile(r"^\s*-?\d+(\.\d+)?\s*$")
 
 @dataclass(frozen=True, slots=True)
 class HttpAnswer:
-    """One HTTP answer: status, headers, the parsed JSON body (None when empty or not JSON)."""
+    """One HTTP answer: status, headers (case-insensitive), the parsed JSON body (None when
+    empty or not JSON), the provider's ``x-request-id`` (else ours)."""
 
     status: int
     headers: Mapping[str, str]
@@ -94,14 +107,19 @@ def provider_error(
     return ProviderRejected(code, message, details=details, provider=answer)
 
 
-@lru_cache(maxsize=4096)  # targets repeat; a URL is immutable and cheap to keep
-def endpoint(base_url: str, *segments: str) -> URL:
-    """``base_url`` + ``/``-joined, fully percent-encoded segments; ids cannot alter the path."""
+@lru_cache(maxsize=4096)  # targets repeat; a URL is immutable, cheap to keep, costly to parse
+def endpoint(base_url: str, *segments: str) -> httpx.URL:
+    """``base_url`` + ``/``-joined, fully percent-encoded segments; ids cannot alter the path.
+
+    Every byte of a segment but ``A-Z a-z 0-9 - . _ ~`` is percent-encoded, and httpx keeps an
+    encoded path as it is (no decoding, no re-encoding), so ``/``, ``?``, ``#`` and ``%`` of an
+    id stay inside its segment; ``.``, ``..`` and empty segments are refused.
+    """
     for segment in segments:
         if segment in ("", ".", ".."):
             raise InvalidMessage("invalid_command", f"{segment!r} is not a valid path segment")
     path = "/".join(quote(segment, safe="") for segment in segments)
-    return URL(f"{base_url}/{path}", encoded=True)
+    return httpx.URL(f"{base_url}/{path}")
 
 
 def parse_retry_after(value: str | None, now: datetime | float) -> float | None:
@@ -177,7 +195,7 @@ class RequestObserver(Protocol):
     """Traces and times provider requests (:class:`worker.observability.observe.Observer`)."""
 
     def request_started(
-        self, provider: str, method: str, url: URL, headers: Mapping[str, str]
+        self, provider: str, method: str, url: httpx.URL, headers: Mapping[str, str]
     ) -> tuple[Any, Mapping[str, str]]:
         """A span (or None) and the headers to send (with ``traceparent`` when tracing)."""
         ...
@@ -197,42 +215,46 @@ class RequestObserver(Protocol):
 class JsonHttp:
     """One provider's connection pool: sends JSON, reads JSON, translates transport failures."""
 
-    def __init__(self, config: ProviderConfig, observer: RequestObserver | None = None) -> None:
+    def __init__(
+        self,
+        config: ProviderConfig,
+        observer: RequestObserver | None = None,
+        *,
+        transport: httpx.AsyncBaseTransport | None = None,
+        backend: Backend = DEFAULT_BACKEND,
+    ) -> None:
         self._config = config
         self._observer = observer
-        self._session: aiohttp.ClientSession | None = None
         self._closed = False
+        self._client = httpx.AsyncClient(
+            transport=transport or _transport(config.pool_size, backend),
+            headers={"Content-Type": "application/json", "Accept": "application/json"},
+            timeout=config.timeout_s,
+            follow_redirects=False,
+            trust_env=False,
+        )
 
-    def _open(self) -> aiohttp.ClientSession:
+    def _open(self) -> httpx.AsyncClient:
         if self._closed:
             raise ProviderUnavailable(
                 "provider_unavailable",
                 f"{self._config.name} client is closed",
                 provider=ProviderAnswer(self._config.name),
             )
-        if self._session is None:
-            size = self._config.pool_size
-            connector = aiohttp.TCPConnector(
-                limit=size, limit_per_host=size, ttl_dns_cache=300, keepalive_timeout=30
-            )
-            self._session = aiohttp.ClientSession(
-                connector=connector,
-                timeout=aiohttp.ClientTimeout(total=self._config.timeout_s),
-            )
-        return self._session
+        return self._client
 
     async def request(
         self,
         method: str,
-        url: URL,
+        url: httpx.URL,
         *,
         headers: Mapping[str, str],
         body: Any,
         request_id: str | None = None,
     ) -> HttpAnswer:
         """Send ``body`` as JSON; the answer, whatever its status, or ProviderUnavailable."""
-        session = self._open()
-        name = self._config.name
+        client = self._open()
+        name, timeout_s = self._config.name, self._config.timeout_s
         observer, span = self._observer, None
         if observer is not None:
             span, headers = observer.request_started(name, method, url, headers)
@@ -240,37 +262,42 @@ class JsonHttp:
         error: str | None = "cancelled"
         started = time.perf_counter()
         try:
-            async with session.request(
-                method, url, data=orjson.dumps(body), headers=headers, allow_redirects=False
-            ) as response:
-                raw = await response.read()
-            status, error = response.status, None
-        except TimeoutError as exc:
+            async with asyncio.timeout(timeout_s):  # httpx's timeouts are per phase
+                response = await client.request(
+                    method, url, content=orjson.dumps(body), headers=headers
+                )
+            status, error = response.status_code, None
+        except (TimeoutError, httpx.TimeoutException) as exc:
             error = "timeout"
-            raise _unreachable(
-                name, request_id, f"timed out after {self._config.timeout_s}s"
-            ) from exc
-        except aiohttp.ClientError as exc:
+            raise _unreachable(name, request_id, f"timed out after {timeout_s}s") from exc
+        except httpx.RequestError as exc:  # every other TransportError; DecodingError
             error = type(exc).__name__
             raise _unreachable(name, request_id, error) from exc
         finally:
             if observer is not None:
-                elapsed = time.perf_counter() - started
-                observer.request_finished(span, name, status, error, elapsed)
+                observer.request_finished(span, name, status, error, time.perf_counter() - started)
+        code = response.status_code
         answer_id = response.headers.get("x-request-id", request_id)
-        return HttpAnswer(
-            response.status,
-            response.headers,
-            _parse(raw, response.status, name, answer_id),
-            answer_id,
-        )
+        parsed = _parse(response.content, code, name, answer_id)
+        return HttpAnswer(code, response.headers, parsed, answer_id)
 
     async def aclose(self) -> None:
         """Close the pool; later requests raise ProviderUnavailable."""
         self._closed = True
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        await self._client.aclose()
+
+
+def _transport(pool_size: int, backend: Backend) -> httpx.AsyncBaseTransport:
+    """A pool of ``pool_size`` connections (all of them kept alive 30 s), TLS verified."""
+    limits = httpx.Limits(
+        max_connections=pool_size,
+        max_keepalive_connections=pool_size,
+        keepalive_expiry=KEEPALIVE_S,
+    )
+    verify = ssl.create_default_context()  # the system's CAs, as aiohttp and urllib use
+    if backend == "aiohttp":
+        return AiohttpTransport(verify=verify, limits=limits, trust_env=False)
+    return httpx.AsyncHTTPTransport(verify=verify, limits=limits, trust_env=False)
 
 
 def _unreachable(name: ProviderName, request_id: str | None, why: str) -> ProviderUnavailable:

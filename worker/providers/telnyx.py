@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import httpx
+
 from worker.contract.messages import SupervisorRoleChange
 from worker.errors import ProviderAnswer, ProviderName
 from worker.providers import ProviderSuccess
@@ -25,14 +27,23 @@ from worker.settings import ProviderConfig
 
 
 class TelnyxClient:
-    """The Telnyx provider: one HTTP pool, the API key as a Bearer token."""
+    """The Telnyx provider: one HTTP pool, the API key as a Bearer token.
+
+    ``transport`` replaces the pool's transport (tests hand in ``httpx.MockTransport``).
+    """
 
     name: ProviderName = "telnyx"
 
-    def __init__(self, config: ProviderConfig, observer: RequestObserver | None = None) -> None:
+    def __init__(
+        self,
+        config: ProviderConfig,
+        observer: RequestObserver | None = None,
+        *,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
         self._base = config.base_url
         self._api_key = config.api_key
-        self._http = JsonHttp(config, observer)
+        self._http = JsonHttp(config, observer, transport=transport)
 
     async def execute(self, command: SupervisorRoleChange) -> ProviderSuccess:
         """Set the supervisor's role once."""

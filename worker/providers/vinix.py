@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from yarl import URL
+import httpx
 
 from worker.contract.messages import ConferenceUpdate
 from worker.errors import ProviderAnswer, ProviderName, ProviderUnavailable, WorkerError
@@ -44,7 +44,10 @@ class _Token:
 
 
 class VinixClient:
-    """The Vinix provider: one HTTP pool and one shared auth token."""
+    """The Vinix provider: one HTTP pool (``PUT /api_auth`` too) and one shared auth token.
+
+    ``transport`` replaces the pool's transport (tests hand in ``httpx.MockTransport``).
+    """
 
     name: ProviderName = "vinix"
 
@@ -55,10 +58,11 @@ class VinixClient:
         token_ttl_s: float = DEFAULT_TOKEN_TTL_S,
         clock: Callable[[], float] = time.monotonic,
         observer: RequestObserver | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self._base = config.base_url
         self._api_key = config.api_key
-        self._http = JsonHttp(config, observer)
+        self._http = JsonHttp(config, observer, transport=transport)
         self._token_ttl_s = token_ttl_s
         self._clock = clock
         self._lock = asyncio.Lock()
@@ -84,7 +88,7 @@ class VinixClient:
         """Close the HTTP connections."""
         await self._http.aclose()
 
-    async def _send(self, method: str, url: URL, body: Any, token: str) -> HttpAnswer:
+    async def _send(self, method: str, url: httpx.URL, body: Any, token: str) -> HttpAnswer:
         request_id = new_request_id()
         headers = {**_JSON, "X-Auth-Token": token, "X-Request-ID": request_id}
         return await self._http.request(
