@@ -127,6 +127,29 @@ async def consume_faststream(
         return await window.result()
 
 
+async def consume_worker_broker(url: str, queue: str, window: Window) -> tuple[float, float, int]:
+    """The worker's own FastStream set-up (``worker.app.broker``): FastDepends off, the delivery
+    handed over undecoded, manual ack, FastStream's logger at WARNING."""
+    from pydantic import SecretStr
+
+    from worker.app import broker as app_broker
+    from worker.settings import BrokerConfig, Topology
+
+    config = BrokerConfig(url=SecretStr(url), prefetch=CONCURRENCY)
+    broker = app_broker.make_broker(config)
+
+    async def handle(message: AbstractIncomingMessage) -> None:
+        await message.ack()
+        window.hit()
+
+    topology = Topology(commands_queue=queue)
+    subscriber = app_broker.subscribe(broker, topology, handle)
+    subscriber.queue.declare = False  # the runner's queue, passively
+    async with broker:
+        await broker.start()
+        return await window.result()
+
+
 async def message_path(args: argparse.Namespace, bodies: list[bytes]) -> list[Figure]:
     url = args.amqp_url
     queue = f"bench-costs{uuid.uuid4().hex[:8]}.messages"
@@ -144,6 +167,10 @@ async def message_path(args: argparse.Namespace, bodies: list[bytes]) -> list[Fi
         (
             "FastStream subscriber, no-op dict handler, logger=None",
             lambda w: consume_faststream(url, queue, w, logging_on=False),
+        ),
+        (
+            "FastStream subscriber as the worker's (worker.app.broker)",
+            lambda w: consume_worker_broker(url, queue, w),
         ),
     ]
     figures = [Figure("message path", name) for name, _ in variants]

@@ -32,6 +32,7 @@ from pydantic import SecretStr
 
 from worker.contract.messages import ConferenceUpdate, SupervisorRoleChange
 from worker.errors import InvalidMessage, ProviderRejected, ProviderUnavailable
+from worker.providers import http as http_module
 from worker.providers.factory import make_provider
 from worker.providers.http import (
     Backend,
@@ -436,12 +437,12 @@ async def test_one_client_for_every_request(monkeypatch: pytest.MonkeyPatch) -> 
     """JsonHttp makes its httpx.AsyncClient once, when built, and every request reuses it."""
     made: list[httpx.AsyncClient] = []
 
-    class Counted(httpx.AsyncClient):
+    class Counted(http_module.ProviderClient):
         def __init__(self, **kwargs: Any) -> None:
             super().__init__(**kwargs)
             made.append(self)
 
-    monkeypatch.setattr(httpx, "AsyncClient", Counted)
+    monkeypatch.setattr(http_module, "ProviderClient", Counted)
     transport = answering(200, b"{}")
     http = JsonHttp(_config(), transport=transport)
     assert len(made) == 1
@@ -451,6 +452,24 @@ async def test_one_client_for_every_request(monkeypatch: pytest.MonkeyPatch) -> 
     assert len(made) == 1
     assert len(transport.requests) == 3
     assert made[0].is_closed
+
+
+async def test_cookies_are_neither_kept_nor_sent() -> None:
+    """A cookie a provider sets is not stored and never sent back: providers authenticate with
+    headers, and one client serves every tenant's commands."""
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200, headers={"Set-Cookie": "session=abc; Path=/"}, content=b"{}")
+
+    http = JsonHttp(_config(), transport=httpx.MockTransport(handler))
+    for _ in range(2):
+        await http.request("POST", TARGET, headers={}, body={})
+    await http.aclose()
+    assert [request.headers.get("cookie") for request in seen] == [None, None]
+    with pytest.raises(ValueError, match="no cookies"):
+        http._client.cookies = {"session": "abc"}
 
 
 async def test_closed_client_is_unavailable() -> None:

@@ -66,5 +66,7 @@ def configure(level: str = "INFO", *, json_lines: bool | None = None) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    for noisy in ("aio_pika", "aiormq", "aiohttp.access"):
+    # httpx logs every request at INFO ("HTTP Request: POST …"): a line per provider call that
+    # says less than our outcome line, and ~3 % of the worker's CPU (ops/bench/RESULTS.md).
+    for noisy in ("aio_pika", "aiormq", "aiohttp.access", "httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))

@@ -61,6 +61,7 @@ KEEPALIVE_S = 30.0
 MAX_MESSAGE_CHARS = 500
 REDACTED = "[REDACTED]"
 
+_HEADERS = {"Content-Type": "application/json", "Accept": "application/json"}
 _DELTA_SECONDS = re.compile(r"^\s*-?\d+(\.\d+)?\s*$")
 
 
@@ -212,6 +213,41 @@ class RequestObserver(Protocol):
         ...
 
 
+class _NoCookies(httpx.Cookies):
+    """A cookie store that keeps and sends nothing.
+
+    Both providers authenticate with a header (``X-Auth-Token``, ``Authorization``), and a cookie
+    one of them set would be shared by every command of every tenant.  httpx has no switch for
+    it (encode/httpx#2992): its client runs every answer through ``http.cookiejar`` (~40 µs per
+    request here, ``ops/bench/RESULTS.md``) unless ``cookies`` is a store that ignores them.
+    """
+
+    def extract_cookies(self, response: httpx.Response) -> None:
+        """Keep nothing a provider sets."""
+
+    def set_cookie_header(self, request: httpx.Request) -> None:
+        """Send no ``Cookie`` header."""
+
+    def __bool__(self) -> bool:
+        return False
+
+
+class ProviderClient(httpx.AsyncClient):
+    """``httpx.AsyncClient`` without cookies (:class:`_NoCookies`); everything else as httpx's."""
+
+    _no_cookies = _NoCookies()
+
+    @property
+    def cookies(self) -> httpx.Cookies:
+        """Always empty: cookies are neither kept nor sent."""
+        return self._no_cookies
+
+    @cookies.setter
+    def cookies(self, cookies: Any) -> None:
+        if cookies:
+            raise ValueError("provider clients keep no cookies")
+
+
 class JsonHttp:
     """One provider's connection pool: sends JSON, reads JSON, translates transport failures."""
 
@@ -226,13 +262,16 @@ class JsonHttp:
         self._config = config
         self._observer = observer
         self._closed = False
-        self._client = httpx.AsyncClient(
+        self._client = ProviderClient(
             transport=transport or _transport(config.pool_size, backend),
-            headers={"Content-Type": "application/json", "Accept": "application/json"},
+            headers=_HEADERS,
             timeout=config.timeout_s,
             follow_redirects=False,
             trust_env=False,
         )
+        # Every request is built from these (httpx's defaults and ours), not merged per call.
+        self._headers = dict(self._client.headers)
+        self._timeout = self._client.timeout.as_dict()
 
     def _open(self) -> httpx.AsyncClient:
         if self._closed:
@@ -263,9 +302,7 @@ class JsonHttp:
         started = time.perf_counter()
         try:
             async with asyncio.timeout(timeout_s):  # httpx's timeouts are per phase
-                response = await client.request(
-                    method, url, content=orjson.dumps(body), headers=headers
-                )
+                response = await client.send(self._build(method, url, headers, body))
             status, error = response.status_code, None
         except (TimeoutError, httpx.TimeoutException) as exc:
             error = "timeout"
@@ -280,6 +317,21 @@ class JsonHttp:
         answer_id = response.headers.get("x-request-id", request_id)
         parsed = _parse(response.content, code, name, answer_id)
         return HttpAnswer(code, response.headers, parsed, answer_id)
+
+    def _build(
+        self, method: str, url: httpx.URL, headers: Mapping[str, str], body: Any
+    ) -> httpx.Request:
+        """The request ``client.request`` would build, without re-merging the client's defaults
+        on every call (the base URL, params and cookies are empty; ``url`` is absolute)."""
+        merged = self._headers.copy()
+        merged.update(headers)
+        return httpx.Request(
+            method,
+            url,
+            headers=merged,
+            content=orjson.dumps(body),
+            extensions={"timeout": self._timeout},
+        )
 
     async def aclose(self) -> None:
         """Close the pool; later requests raise ProviderUnavailable."""
