@@ -57,10 +57,38 @@ class Topology:
     dead_queue: str = "conference-worker.dead"
     delivery_limit: int = 5
     delay_tiers_s: tuple[float, ...] = (1.0, 5.0, 15.0, 30.0, 60.0, 120.0)
+    # 0: the single command queue (one replica keeps per-target order, several do not); N > 0:
+    # commands go through the intake queue to N single-active-consumer partitions by target.
+    partitions: int = 0
+
+    @property
+    def partitioned(self) -> bool:
+        return self.partitions > 0
+
+    @property
+    def intake_queue(self) -> str:
+        """Where the commands exchange delivers: the intake (partitioned), else the work queue."""
+        return f"{self.commands_queue}.intake" if self.partitioned else self.commands_queue
+
+    @property
+    def partitions_exchange(self) -> str:
+        """The consistent-hash exchange over the partition queues (by ``x-cw-partition-key``)."""
+        return f"{self.commands_queue}.partitions"
+
+    def partition_queue(self, index: int) -> str:
+        """Name of partition ``index`` (0-based); names do not change when P does."""
+        return f"{self.commands_queue}.p{index:02d}"
+
+    def partition_queues(self) -> list[str]:
+        return [self.partition_queue(index) for index in range(self.partitions)]
+
+    def work_queues(self) -> list[str]:
+        """The queues commands are carried out from (what KEDA and the tests watch)."""
+        return self.partition_queues() if self.partitioned else [self.commands_queue]
 
     def delay_queue(self, seconds: float) -> str:
-        """Name of the broker-held delay queue of one tier."""
-        return f"{self.commands_queue}.delay.{seconds:g}s"
+        """Name of the broker-held delay queue of one tier (it returns commands to the intake)."""
+        return f"{self.intake_queue}.delay.{seconds:g}s"
 
     def delay_tier(self, delay_s: float) -> float:
         """The shortest tier that covers ``delay_s`` (the longest tier if none does)."""
@@ -140,6 +168,9 @@ class Settings(BaseSettings):
     dead_exchange: str = "conference.dead"
     dead_queue: str = "conference-worker.dead"
     delivery_limit: int = Field(5, ge=1)
+    # Partition queues by target (README, Scaling): every replica consumes all of them, the
+    # broker lets one consume each at a time.  0: the single command queue of one replica.
+    partitions: int = Field(16, ge=0, le=999)
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     # Successes (and duplicates) are logged at DEBUG: the result event, the metrics and the traces
@@ -191,6 +222,7 @@ class Settings(BaseSettings):
             dead_queue=self.dead_queue,
             delivery_limit=self.delivery_limit,
             delay_tiers_s=tuple(sorted(self.retry_delay_tiers_s)),
+            partitions=self.partitions,
         )
 
     def consumer(self) -> ConsumerConfig:

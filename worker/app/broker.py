@@ -23,7 +23,9 @@ AsyncAPI document shows as the payload.  FastStream's own log line per message i
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any, cast
@@ -81,6 +83,7 @@ class App:
     reply: RabbitPublisher
     dead: RabbitPublisher
     delay: RabbitPublisher
+    partitions: RabbitPublisher | None = None  # the intake's, when partitioned
 
 
 async def _delivery(message: Any) -> AbstractIncomingMessage:
@@ -115,7 +118,12 @@ def make_broker(config: BrokerConfig, *, grace_s: float = 30.0) -> RabbitBroker:
 def build(config: BrokerConfig, topology: Topology, *, grace_s: float = 30.0) -> App:
     """A broker with the contract's publishers (connecting only once started)."""
     broker = make_broker(config, grace_s=grace_s)
-    return App(broker, *_publishers(broker, topology))
+    partitions = None
+    if topology.partitioned:
+        partitions = broker.publisher(
+            exchange=top.partitions_exchange(topology), persist=True, include_in_schema=False
+        )
+    return App(broker, *_publishers(broker, topology), partitions=partitions)
 
 
 def subscribe(broker: RabbitBroker, topology: Topology, handle: Handle) -> RabbitSubscriber:
@@ -130,11 +138,74 @@ def subscribe(broker: RabbitBroker, topology: Topology, handle: Handle) -> Rabbi
         ack_policy=AckPolicy.MANUAL,
         no_reply=True,  # the result goes to reply_to through settle, confirmed, before the ack
         decoder=_delivery,
-        title=topology.commands_queue,
+        title=topology.intake_queue,
         description=_SUBSCRIBER_TEXT,
     )
     subscriber(carry_out)
     return subscriber
+
+
+def subscribe_partitions(
+    broker: RabbitBroker,
+    topology: Topology,
+    handle: Handle,
+    *,
+    prefetch: int,
+    instance: str,
+) -> list[RabbitSubscriber]:
+    """One subscriber per partition (single active consumer decides which replica acts).
+
+    The prefetch is shared out: ``ceil(prefetch / P)`` per partition.  Each consumer asks for a
+    priority of its own (``x-priority``, rendezvous-hashed from ``instance`` and the partition):
+    brokers whose single active consumer follows priorities (RabbitMQ 4.x quorum queues) spread the
+    partitions over the replicas; older ones (3.x) make the first replica to attach active.
+    """
+    channel = Channel(prefetch_count=max(1, math.ceil(prefetch / topology.partitions)))
+    exchange = top.partitions_exchange(topology)
+    subscribers = []
+    for index, queue in enumerate(top.partition_queues(topology)):
+
+        async def carry_out(command: CommandDelivery) -> None:
+            await handle(command)
+
+        subscriber = broker.subscriber(
+            queue,
+            exchange,
+            ack_policy=AckPolicy.MANUAL,
+            no_reply=True,
+            decoder=_delivery,
+            channel=channel,
+            consume_args={"x-priority": consumer_priority(instance, index)},
+            include_in_schema=False,
+        )
+        subscriber(carry_out)
+        subscribers.append(subscriber)
+    return subscribers
+
+
+def subscribe_legacy(broker: RabbitBroker, topology: Topology, handle: Handle) -> RabbitSubscriber:
+    """The single-queue layout's work queue, drained through the intake after an upgrade."""
+
+    async def route(command: CommandDelivery) -> None:
+        await handle(command)
+
+    queue = top.legacy_queue(topology)
+    queue.declare = False  # it exists (adopt_legacy saw it); never created again
+    subscriber = broker.subscriber(
+        queue,
+        ack_policy=AckPolicy.MANUAL,
+        no_reply=True,
+        decoder=_delivery,
+        include_in_schema=False,
+    )
+    subscriber(route)
+    return subscriber
+
+
+def consumer_priority(instance: str, partition: int) -> int:
+    """A stable pseudo-random priority, 0–999, of ``instance`` for ``partition``."""
+    digest = hashlib.blake2b(f"{instance}/{partition}".encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "big") % 1000
 
 
 def _publishers(

@@ -8,6 +8,11 @@ outcome to :func:`worker.app.settle.settle`, the one place that acks, requeues, 
 defers.  A delivery whose processing raises (a bug, not a bad message) is rejected back to the
 queue, where the quorum queue's delivery limit ends a poison message in the dead-letter queue
 instead of a loop.
+
+On a partition (``routed``) a stopping worker *holds* what arrives: the delivery is neither started
+nor settled, so that no other replica can take the partition over while this one still carries
+out its commands; the connection's close returns the held deliveries to the head of the queue,
+and only then does the broker make the next consumer active (README, "Scaling").
 """
 
 from __future__ import annotations
@@ -33,8 +38,11 @@ class CommandHandler:
     pipeline: Pipeline
     publisher: Sends
     observer: Observer = field(default_factory=Observer.disabled)
+    routed: bool = False  # deliveries come from partitions, through the intake
     completed: int = 0
+    held: int = 0
     _inflight: set[asyncio.Task[Any]] = field(default_factory=set)
+    _holding: bool = False
 
     @property
     def inflight(self) -> int:
@@ -42,7 +50,10 @@ class CommandHandler:
         return len(self._inflight)
 
     async def handle(self, message: AbstractIncomingMessage) -> None:
-        """Process one delivery and settle it."""
+        """Process one delivery and settle it (or hold it, when stopping on a partition)."""
+        if self._holding:
+            self.held += 1
+            return
         task = asyncio.current_task()
         if task is not None:
             self._inflight.add(task)
@@ -56,7 +67,7 @@ class CommandHandler:
 
     async def _carry_out(self, message: AbstractIncomingMessage, watch: Watch) -> None:
         try:
-            delivery = delivery_of(message)
+            delivery = delivery_of(message, self.routed)
             watch.first_delivery = delivery.retry.attempts == 0 and delivery.not_before is None
             outcome = await self.pipeline.process(delivery, remember_later=True)
         except asyncio.CancelledError:
@@ -72,8 +83,10 @@ class CommandHandler:
         self.observer.finish(watch, message, outcome, settled)
 
     def stopping(self) -> None:
-        """From now on, commands waiting in a backoff or for an open breaker are deferred."""
+        """From now on, commands waiting in a backoff or for an open breaker are deferred, and on
+        a partition new deliveries are held."""
         self.pipeline.stopping.set()
+        self._holding = self.routed
 
     async def drain(self, grace_s: float) -> None:
         """Wait up to ``grace_s`` for the deliveries in flight; cancel those still running.

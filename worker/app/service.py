@@ -26,8 +26,9 @@ from worker.app import broker as app_broker
 from worker.app import hardening
 from worker.app.handler import CommandHandler
 from worker.app.health import Check, HealthServer, StoreProbe, broker_check, report
+from worker.app.intake import Intake
 from worker.app.settle import Publisher
-from worker.app.topology import declare_on
+from worker.app.topology import adopt_legacy, declare, declare_on
 from worker.dedup import DedupStore, make_dedup_store
 from worker.dedup.keeper import LeaseKeeper
 from worker.errors import ProviderName
@@ -90,6 +91,8 @@ class Service:
     subscriber: RabbitSubscriber | None = None
     dedup: DedupStore | None = None
     handler: CommandHandler | None = None
+    intake: Intake | None = None
+    legacy: bool = False  # an old single-queue layout is being drained through the intake
     http: HealthServer | None = None
     gates: dict[str, Gate] = field(default_factory=dict)
     _providers: dict[str, Provider] = field(default_factory=dict)
@@ -135,7 +138,17 @@ class Service:
         await self._start_providers(observer)
         dedup = await self._open_store()
         await self._consume(dedup, observer)
-        log.info("consuming %s (prefetch %d)", self.settings.commands_queue, self.settings.prefetch)
+        topology = self.settings.topology()
+        if topology.partitioned:
+            log.info(
+                "consuming %s and %d partitions (prefetch %d in all)%s",
+                topology.intake_queue,
+                topology.partitions,
+                self.settings.prefetch,
+                f"; draining the old {topology.commands_queue}" if self.legacy else "",
+            )
+        else:
+            log.info("consuming %s (prefetch %d)", topology.commands_queue, self.settings.prefetch)
 
     def _telemetry(self) -> Telemetry:
         if self.telemetry is None:
@@ -185,8 +198,28 @@ class Service:
         """Build the FastStream app around the handler, declare the topology, subscribe."""
         topology = self.settings.topology()
         self.app = app = app_broker.build(self.settings.broker(), topology, grace_s=self.grace_s)
-        self.handler, self.subscriber = attach(app, topology, self._pipeline(dedup), observer)
-        self.connection = await app.broker.connect()
+        pipeline = self._pipeline(dedup)
+        if not topology.partitioned:
+            self.handler, self.subscriber = attach(app, topology, pipeline, observer)
+            self.connection = await app.broker.connect()
+            await declare_on(app.broker, topology)
+            await app.broker.start()
+            return
+        self.handler, self.intake, self.subscriber = attach_partitioned(
+            app,
+            topology,
+            pipeline,
+            observer,
+            prefetch=self.settings.prefetch,
+            instance=self.settings.instance(),
+        )
+        self.connection = connection = await app.broker.connect()
+        async with connection.channel() as channel:
+            await declare(channel, topology)  # the intake is bound before the old queue is not
+        async with connection.channel() as channel:
+            self.legacy = await adopt_legacy(channel, topology)
+        if self.legacy:
+            app_broker.subscribe_legacy(app.broker, topology, self.intake.handle)
         await declare_on(app.broker, topology)
         await app.broker.start()
 
@@ -218,7 +251,16 @@ class Service:
         self._stopping = True
         if self.handler is not None:
             self.handler.stopping()
-        if self.subscriber is not None and self.handler is not None:
+        if self.intake is not None:
+            self.intake.holding = True
+        if self.intake is not None and self.handler is not None:
+            # Partitions: finish what is in flight while holding what arrives, then close the
+            # connection, which returns the held deliveries ahead of the rest and only then
+            # makes another replica active (a cancel first would let it start meanwhile).
+            await self.handler.drain(self.grace_s)
+            if self.connection is not None:
+                await _quiet_close(self.connection)
+        elif self.subscriber is not None and self.handler is not None:
             started = time.monotonic()
             await _quiet_stop(self.subscriber)  # FastStream waits for those in flight, too
             await self.handler.drain(max(self.grace_s - (time.monotonic() - started), 0.0))
@@ -251,22 +293,55 @@ class Service:
         await self.stop()
 
 
-def attach(
-    app: app_broker.App, topology: Topology, pipeline: Pipeline, observer: Observer
-) -> tuple[CommandHandler, RabbitSubscriber]:
-    """The command handler on ``app``'s publishers, subscribed to the command queue."""
+def _publisher(app: app_broker.App, topology: Topology, observer: Observer) -> Publisher:
     delays = {topology.delay_queue(seconds) for seconds in topology.delay_tiers_s}
-    publisher = Publisher(
+    own = {topology.commands_queue, topology.intake_queue, topology.dead_queue, *delays}
+    return Publisher(
         results=app.results,
         reply=app.reply,
         dead=app.dead,
         delay=app.delay,
         topology=topology,
-        own_queues=frozenset({topology.commands_queue, topology.dead_queue, *delays}),
+        own_queues=frozenset({*own, *topology.partition_queues()}),
         tracing=observer,
     )
-    handler = CommandHandler(pipeline, publisher, observer)
+
+
+def attach(
+    app: app_broker.App, topology: Topology, pipeline: Pipeline, observer: Observer
+) -> tuple[CommandHandler, RabbitSubscriber]:
+    """The command handler on ``app``'s publishers, subscribed to the command queue."""
+    handler = CommandHandler(pipeline, _publisher(app, topology, observer), observer)
     return handler, app_broker.subscribe(app.broker, topology, handler.handle)
+
+
+def attach_partitioned(
+    app: app_broker.App,
+    topology: Topology,
+    pipeline: Pipeline,
+    observer: Observer,
+    *,
+    prefetch: int,
+    instance: str,
+) -> tuple[CommandHandler, Intake, RabbitSubscriber]:
+    """The intake on the commands exchange's queue, the command handler on every partition."""
+    if app.partitions is None:
+        raise ValueError("the app was built without the partitions publisher")
+    publisher = _publisher(app, topology, observer)
+    handler = CommandHandler(pipeline, publisher, observer, routed=True)
+    app_broker.subscribe_partitions(
+        app.broker, topology, handler.handle, prefetch=prefetch, instance=instance
+    )
+    intake = Intake(app.partitions)
+    return handler, intake, app_broker.subscribe(app.broker, topology, intake.handle)
+
+
+async def _quiet_close(connection: AbstractRobustConnection) -> None:
+    """Close the broker connection (the broker requeues every unacknowledged delivery)."""
+    try:
+        await connection.close()
+    except CONNECTION_EXCEPTIONS as exc:
+        log.warning("could not close the broker connection cleanly: %r", exc)
 
 
 async def _quiet_stop(subscriber: RabbitSubscriber) -> None:

@@ -46,6 +46,8 @@ H_NOT_BEFORE = "cw-not-before"
 H_ROUTING_KEY = "cw-routing-key"
 H_PROBES = "cw-probes"
 H_PUBLISHER = "cw-publisher"
+H_ORIGIN = "cw-origin"  # set by the intake: "delay" or "publisher" (worker.app.intake)
+RETRY_PREFIX = "cw-"
 RETRY_HEADERS = (H_ATTEMPTS, H_BUDGET_USED, H_FIRST_FAILURE, H_NOT_BEFORE, H_ROUTING_KEY, H_PROBES)
 APP_ID = "conference-worker"
 
@@ -66,13 +68,30 @@ def from_our_delay(message: AbstractIncomingMessage) -> bool:
     return message.exchange == ""
 
 
-def delivery_of(message: AbstractIncomingMessage) -> Delivery:
-    """The pipeline's view of a message (retry state read defensively from our headers)."""
-    if not from_our_delay(message):
-        return Delivery(message.body, user_id=message.user_id)
+def _from_our_delay(message: AbstractIncomingMessage, routed: bool) -> bool:
+    """``routed``: a partition's delivery, whose ``cw-*`` headers the intake wrote."""
+    if routed:
+        return (message.headers or {}).get(H_ORIGIN) == "delay"
+    return from_our_delay(message)
+
+
+def publisher_of(message: AbstractIncomingMessage, routed: bool = False) -> str | None:
+    """The AMQP ``user_id`` of the command's publisher, as the broker validated it."""
+    if not routed and not from_our_delay(message):
+        return message.user_id
+    publisher = (message.headers or {}).get(H_PUBLISHER)
+    return publisher if isinstance(publisher, str) else None
+
+
+def delivery_of(message: AbstractIncomingMessage, routed: bool = False) -> Delivery:
+    """The pipeline's view of a message (retry state read defensively from our headers).
+
+    ``routed``: the message came from a partition, through the intake (worker.app.intake).
+    """
+    user_id = publisher_of(message, routed)
+    if not _from_our_delay(message, routed):
+        return Delivery(message.body, user_id=user_id)
     headers = message.headers or {}
-    publisher = headers.get(H_PUBLISHER)
-    user_id = publisher if isinstance(publisher, str) else None
     attempts = _number(headers.get(H_ATTEMPTS))
     if attempts is None:
         return Delivery(message.body, user_id=user_id)
@@ -149,7 +168,7 @@ def dead_letter_options(outcome: Outcome, message: AbstractIncomingMessage) -> d
 
 
 def defer_options(
-    delay_s: float, retry: RetryState, message: AbstractIncomingMessage
+    delay_s: float, retry: RetryState, message: AbstractIncomingMessage, routed: bool = False
 ) -> dict[str, Any]:
     """The command again, with its retry state in our ``cw-*`` headers."""
     now = datetime.now(UTC).timestamp()
@@ -162,7 +181,7 @@ def defer_options(
             H_NOT_BEFORE: now + delay_s,
             H_ROUTING_KEY: original_routing_key(message),
             H_PROBES: retry.probes,
-            H_PUBLISHER: delivery_of(message).user_id,
+            H_PUBLISHER: publisher_of(message, routed),
         }
     )
     return _copy_options(message, headers)
@@ -196,7 +215,8 @@ class Publisher:
         """Publish everything ``outcome`` calls for, concurrently, and wait for the confirms."""
         if outcome.defer_s is not None and outcome.retry is not None:
             tier = self.topology.delay_tier(outcome.defer_s)
-            options = defer_options(outcome.defer_s, outcome.retry, message)
+            routed = self.topology.partitioned
+            options = defer_options(outcome.defer_s, outcome.retry, message, routed)
             await self.delay.publish(
                 message.body, routing_key=self.topology.delay_queue(tier), **options
             )

@@ -26,7 +26,7 @@ from worker.app import broker as app_broker
 from worker.app.topology import (
     COMMAND_BINDING,
     DEAD_BINDING,
-    command_queue_arguments,
+    commands_queue,
     dead_queue_arguments,
 )
 from worker.contract.examples import (
@@ -61,13 +61,16 @@ _DESCRIPTION = (
 )
 
 
+DOCUMENTED_PARTITIONS = 16  # Settings' default: the document shows the intake queue
+
+
 async def _never(_: Any) -> None:  # the document's handler: never called
     raise AssertionError("the AsyncAPI app does not consume")
 
 
 def app(topology: Topology | None = None) -> app_broker.App:
     """The worker's FastStream app, unconnected, as the AsyncAPI document sees it."""
-    topology = topology or Topology()
+    topology = topology or Topology(partitions=DOCUMENTED_PARTITIONS)
     built = app_broker.build(BrokerConfig(url=SecretStr(SPEC_URL)), topology)
     app_broker.subscribe(built.broker, topology, _never)
     return built
@@ -75,7 +78,7 @@ def app(topology: Topology | None = None) -> app_broker.App:
 
 def document(topology: Topology | None = None) -> dict[str, Any]:
     """The AsyncAPI 3.0.0 document of the worker's app, annotated (see the module docstring)."""
-    topology = topology or Topology()
+    topology = topology or Topology(partitions=DOCUMENTED_PARTITIONS)
     spec = AsyncAPI(
         app(topology).broker,
         title="conference-worker",
@@ -107,7 +110,7 @@ def _annotate(doc: dict[str, Any], top: Topology) -> None:
     schemas["TraceHeaders"] = {"type": "object", "properties": _TRACE_HEADERS}
     schemas["DeadLetterHeaders"] = _dead_letter_headers()
     for channel, headers, examples in (
-        (top.commands_queue, "TraceHeaders", COMMAND_EXAMPLES),
+        (top.intake_queue, "TraceHeaders", COMMAND_EXAMPLES),
         (top.results_exchange, "TraceHeaders", RESULT_EXAMPLES),
         ("reply_to", "TraceHeaders", RESULT_EXAMPLES),
         (top.dead_exchange, "DeadLetterHeaders", DEAD_EXAMPLES),
@@ -118,9 +121,9 @@ def _annotate(doc: dict[str, Any], top: Topology) -> None:
             message["headers"] = {"$ref": f"#/components/schemas/{headers}"}
             message["examples"] = examples
     _parameters(channels, top)
-    queue = channels[top.commands_queue]
+    queue = channels[top.intake_queue]
     queue["x-binding"] = {"exchange": top.commands_exchange, "key": COMMAND_BINDING}
-    queue["x-arguments"] = command_queue_arguments(top)
+    queue["x-arguments"] = commands_queue(top).arguments
     dead_payload = schemas[_payload_of(doc, top.dead_exchange)]
     dead_payload["description"] = "The command's body as it came (maybe not JSON)."
     channels[top.dead_queue] = _dead_queue(doc, top)

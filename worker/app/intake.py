@@ -1,0 +1,124 @@
+"""The intake hop: each command, as it came, on to the partition of its target.
+
+Publishers send commands to ``conference.commands`` with the type as the routing key; nothing a
+publisher sends names the target, which is in the body.  So the intake queue's consumer (single
+active consumer: one replica at a time, in arrival order) reads the target from the body, puts
+it in the ``x-cw-partition-key`` header and publishes the command, body and properties unchanged,
+to the consistent-hash partitions exchange, which picks the partition (README, "Scaling").  The
+publisher confirm comes before the intake delivery is acked: a crash in between publishes a
+command twice, and the dedup store answers the second as a duplicate.
+
+The intake decides nothing about a command: a body it cannot read still goes on (keyed by its
+``message_id``, else empty), and the partition's pipeline rejects it with a result, as before.
+
+Trust.  Publishers may write to ``conference.commands`` only (SECURITY.md), never to the default
+exchange or to the partitions exchange.  The intake strips every ``cw-*`` header a publisher
+sent, and records where the command came from: ``cw-origin`` is ``delay`` for a command that the
+broker returned from one of our delay queues (its retry state travels on) and ``publisher``
+otherwise, and ``cw-publisher`` is the AMQP ``user_id`` that the broker validated at the intake.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from aio_pika.abc import AbstractIncomingMessage
+
+from worker.app.settle import (
+    H_ORIGIN,
+    H_PUBLISHER,
+    RETRY_PREFIX,
+    from_our_delay,
+    original_routing_key,
+    quietly,
+)
+from worker.app.topology import PARTITION_KEY_HEADER
+
+if TYPE_CHECKING:
+    from faststream.rabbit.publisher import RabbitPublisher
+
+log = logging.getLogger("worker.app.intake")
+
+# What identifies a command's target, per type (worker.pipeline.sequencer.target_of, on the wire).
+_TARGET_FIELDS = {
+    "conference.update": ("vinix", "account_id", "conference_id"),
+    "conference.supervisor_role": ("telnyx", "conference_id", "call_control_id"),
+}
+
+
+def partition_key(body: bytes, fallback: str = "") -> str:
+    """The command's target as one string (``vinix|<account>|<conference>``,
+    ``telnyx|<conference>|<call control id>``); ``fallback`` when the body does not say."""
+    try:
+        command = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return fallback
+    if not isinstance(command, dict):
+        return fallback
+    fields = _TARGET_FIELDS.get(command.get("type"))  # type: ignore[arg-type]
+    if fields is None:
+        return fallback
+    provider, first, second = fields
+    one, two = command.get(first), command.get(second)
+    if not isinstance(one, str) or not isinstance(two, str):
+        return fallback
+    return f"{provider}|{one}|{two}"
+
+
+def routed_headers(message: AbstractIncomingMessage, key: str) -> dict[str, Any]:
+    """The headers the command carries on to its partition (see the module's "Trust")."""
+    incoming = message.headers or {}
+    if from_our_delay(message):
+        headers = dict(incoming)
+        headers[H_ORIGIN] = "delay"
+    else:
+        headers = {k: v for k, v in incoming.items() if not k.startswith(RETRY_PREFIX)}
+        headers[H_ORIGIN] = "publisher"
+        headers[H_PUBLISHER] = message.user_id
+    headers[PARTITION_KEY_HEADER] = key
+    return headers
+
+
+def routed_options(message: AbstractIncomingMessage, key: str) -> dict[str, Any]:
+    """Publish options that carry ``message`` on unchanged (but for our headers)."""
+    return {
+        "routing_key": original_routing_key(message),
+        "headers": routed_headers(message, key),
+        "content_type": message.content_type,
+        "content_encoding": message.content_encoding,
+        "persist": True,
+        "correlation_id": message.correlation_id,
+        "reply_to": message.reply_to,
+        "message_id": message.message_id,
+        "timestamp": message.timestamp,
+        "message_type": message.type,
+        "app_id": message.app_id,
+        "priority": message.priority,
+        "mandatory": True,  # no partition bound is a fault: the command goes back to the intake
+    }
+
+
+@dataclass(slots=True)
+class Intake:
+    """Routes each intake delivery to its partition; acks after the confirm, else requeues."""
+
+    partitions: RabbitPublisher
+    routed: int = 0
+    holding: bool = False  # stopping: what arrives waits for the next intake consumer
+
+    async def handle(self, message: AbstractIncomingMessage) -> None:
+        """Route one delivery (or, stopping, leave it for the connection's close to return)."""
+        if self.holding:
+            return
+        key = partition_key(message.body, fallback=message.message_id or "")
+        try:
+            await self.partitions.publish(message.body, **routed_options(message, key))
+        except Exception as exc:  # unroutable, nacked by the broker, the connection gone
+            log.error("could not route a command to its partition; requeued: %r", exc)
+            await quietly(message.nack(requeue=True))
+            return
+        await quietly(message.ack())
+        self.routed += 1
