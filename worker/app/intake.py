@@ -31,6 +31,7 @@ from worker.app.settle import (
     H_ORIGIN,
     H_PUBLISHER,
     RETRY_PREFIX,
+    carried_options,
     from_our_delay,
     original_routing_key,
     quietly,
@@ -83,22 +84,11 @@ def routed_headers(message: AbstractIncomingMessage, key: str) -> dict[str, Any]
 
 
 def routed_options(message: AbstractIncomingMessage, key: str) -> dict[str, Any]:
-    """Publish options that carry ``message`` on unchanged (but for our headers)."""
-    return {
-        "routing_key": original_routing_key(message),
-        "headers": routed_headers(message, key),
-        "content_type": message.content_type,
-        "content_encoding": message.content_encoding,
-        "persist": True,
-        "correlation_id": message.correlation_id,
-        "reply_to": message.reply_to,
-        "message_id": message.message_id,
-        "timestamp": message.timestamp,
-        "message_type": message.type,
-        "app_id": message.app_id,
-        "priority": message.priority,
-        "mandatory": True,  # no partition bound is a fault: the command goes back to the intake
-    }
+    """Publish options that carry ``message`` on unchanged (but for our headers), to the routing
+    key its publisher used; unroutable (no partition bound) is a fault: back to the intake."""
+    options = carried_options(message, routed_headers(message, key))
+    options["routing_key"] = original_routing_key(message)
+    return options
 
 
 @dataclass(slots=True)

@@ -134,8 +134,9 @@ def result_options(
     }
 
 
-def _copy_options(message: AbstractIncomingMessage, headers: dict[str, Any]) -> dict[str, Any]:
-    """Publish options that carry ``message`` again, persistent, with ``headers``."""
+def carried_options(message: AbstractIncomingMessage, headers: dict[str, Any]) -> dict[str, Any]:
+    """Publish options that carry ``message`` again, persistent, with ``headers`` (also the
+    intake's, :mod:`worker.app.intake`)."""
     return {
         "headers": headers,
         "content_type": message.content_type,
@@ -147,6 +148,7 @@ def _copy_options(message: AbstractIncomingMessage, headers: dict[str, Any]) -> 
         "timestamp": message.timestamp,
         "message_type": message.type,
         "app_id": message.app_id,
+        "priority": message.priority,
         "mandatory": True,  # our own queues: unroutable is a fault, the delivery is requeued
     }
 
@@ -164,7 +166,7 @@ def dead_letter_options(outcome: Outcome, message: AbstractIncomingMessage) -> d
             "x-failed-at": datetime.now(UTC).isoformat(),
         }
     )
-    return _copy_options(message, headers)
+    return carried_options(message, headers)
 
 
 def defer_options(
@@ -184,7 +186,7 @@ def defer_options(
             H_PUBLISHER: publisher_of(message, routed),
         }
     )
-    return _copy_options(message, headers)
+    return carried_options(message, headers)
 
 
 class TraceHeaders(Protocol):
