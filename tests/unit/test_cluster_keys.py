@@ -39,7 +39,7 @@ class Recorder:
         if script is None:
             return True  # PING
         name = self.sources[script.sha]
-        return {"claim": None, "last_applied": b"12.5"}.get(name, 1)
+        return {"claim": None, "last_applied": b"12.5", "reopen": b"absent"}.get(name, 1)
 
 
 def _keys(op: Op) -> list[Any]:
@@ -66,6 +66,7 @@ async def _every_call(store: RedisDedupStore) -> None:
             await store.complete(command_id, claim.token, b"result", applied=applied)
         await store.release(command_id, "token")
         assert await store.renew(command_id, "token")
+        await store.reopen(command_id, "fp")
     for target in TARGETS:
         assert await store.last_applied(target) == 12.5
         await store.mark_applied(target, 11.0)

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from worker import dedup
-from worker.dedup import Claimed, Conflict, DedupStore, Done, InProgress
+from worker.dedup import Claimed, Conflict, Done, InProgress
 from worker.dedup import memory as memory_module
 from worker.dedup import sqlite as sqlite_module
 from worker.dedup.memory import MemoryDedupStore
@@ -28,13 +28,14 @@ from worker.settings import DedupConfig
 
 FP, OTHER_FP = "fp-a", "fp-b"
 RESULT = b'{"status":"succeeded","duplicate":false}'
+REJECTED = b'{"status":"rejected","error":{"code":"provider_not_found"}}'
 
 
 @dataclass
 class Harness:
     """A store under test, its lease and retention, and a way to let time pass."""
 
-    store: DedupStore
+    store: dedup.DedupBackend
     lease_s: float
     retention_s: float
     advance: Callable[[float], Awaitable[None]]
@@ -232,6 +233,50 @@ class DedupBehaviour:
         outcomes = await asyncio.gather(*(harness.claim("a") for _ in range(50)))
         assert sum(isinstance(o, Claimed) for o in outcomes) == 1
         assert sum(o == InProgress() for o in outcomes) == 49
+
+    async def test_reopen_forgets_a_stored_rejection_only(self, harness: Harness) -> None:
+        """reopen forgets a stored rejection (the id can be claimed again) and keeps a stored
+        success, an in-progress claim and another payload's record, saying which it found."""
+        store, p = harness.store, harness.prefix
+        await harness.finish("ok")
+        await harness.finish("no", REJECTED)
+        await harness.token("busy")
+        assert await store.reopen(p + "ok", FP) is dedup.Reopened.SUCCEEDED
+        assert await store.reopen(p + "busy", FP) is dedup.Reopened.IN_PROGRESS
+        assert await store.reopen(p + "no", OTHER_FP) is dedup.Reopened.CONFLICT
+        assert await store.reopen(p + "none", FP) is dedup.Reopened.ABSENT
+        assert await store.reopen(p + "no", FP) is dedup.Reopened.CLEARED
+        assert await store.reopen(p + "no", FP) is dedup.Reopened.ABSENT
+        assert await harness.claim("ok") == Done(RESULT)
+        assert isinstance(await harness.claim("no"), Claimed)
+
+    async def test_reopen_keeps_what_cannot_be_read(self, harness: Harness) -> None:
+        """A stored result that is not a readable event counts as a success: never rerun."""
+        await harness.finish("odd", b"not json")
+        found = await harness.store.reopen(harness.prefix + "odd", FP)
+        assert found is dedup.Reopened.SUCCEEDED
+        assert await harness.claim("odd") == Done(b"not json")
+
+    async def test_concurrent_reopens_clear_once(self, harness: Harness) -> None:
+        """Of 20 concurrent reopens of one stored rejection exactly one clears it."""
+        await harness.finish("no", REJECTED)
+        found = await asyncio.gather(
+            *(harness.store.reopen(harness.prefix + "no", FP) for _ in range(20))
+        )
+        assert found.count(dedup.Reopened.CLEARED) == 1
+        assert found.count(dedup.Reopened.ABSENT) == 19
+
+    async def test_lookup_tells_what_is_stored(self, harness: Harness) -> None:
+        """lookup: None when unknown, in progress, or done with the stored event's status."""
+        store, p = harness.store, harness.prefix
+        assert await store.lookup(p + "none") is None
+        await harness.token("busy")
+        await harness.finish("no", REJECTED)
+        busy, rejected = await store.lookup(p + "busy"), await store.lookup(p + "no")
+        assert busy == dedup.Stored(FP, None)
+        assert busy.status == "in_progress"
+        assert rejected == dedup.Stored(FP, REJECTED)
+        assert rejected.status == "rejected"
 
 
 LEASE_S, RETENTION_S = 30.0, 3600.0

@@ -26,8 +26,11 @@ are described in :mod:`worker.dedup.redis`).
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 from typing import Protocol
+
+import orjson
 
 from worker.settings import DedupConfig
 
@@ -118,7 +121,67 @@ class DedupStore(Protocol):
         ...
 
 
-def make_dedup_store(config: DedupConfig) -> DedupStore:
+# --- What the operators' tools need of the store (``worker/operators/dlq_store.py``): to read
+# what is stored for a command, and, before a dead letter is replayed, to forget a stored
+# non-success so that the replay carries the command out again.  Never used on the hot path.
+
+
+@dataclass(frozen=True, slots=True)
+class Stored:
+    """What the store holds for a command id: in progress, or done with its result event."""
+
+    fingerprint: str
+    result: bytes | None  # None while in progress
+
+    @property
+    def status(self) -> str:
+        """``in_progress``, or the stored event's status (``succeeded``, ``rejected``, ...)."""
+        return "in_progress" if self.result is None else stored_status(self.result)
+
+
+class Reopened(enum.StrEnum):
+    """What :meth:`OutcomeStore.reopen` found, and whether it forgot it."""
+
+    ABSENT = "absent"  # nothing stored: the replay carries the command out
+    CLEARED = "cleared"  # a stored non-success was forgotten: the replay carries it out again
+    SUCCEEDED = "succeeded"  # a stored success, kept: the replay is answered as a duplicate
+    IN_PROGRESS = "in_progress"  # a delivery owns it now: the replay waits for its outcome
+    CONFLICT = "conflict"  # stored for another payload, kept: the replay is a conflict again
+
+
+def stored_status(result: bytes) -> str:
+    """The status of a stored result event; ``succeeded`` when it cannot be read (never rerun
+    what might have succeeded)."""
+    try:
+        document = orjson.loads(result)
+    except orjson.JSONDecodeError:
+        return "succeeded"
+    status = document.get("status") if isinstance(document, dict) else None
+    return status if isinstance(status, str) else "succeeded"
+
+
+class OutcomeStore(Protocol):
+    """The operators' view of a dedup store (every backend implements it)."""
+
+    async def lookup(self, command_id: str) -> Stored | None:
+        """What is stored for ``command_id`` (None: nothing, or it expired)."""
+        ...
+
+    async def reopen(self, command_id: str, fingerprint: str) -> Reopened:
+        """Atomically forget ``command_id``'s stored result unless it succeeded, is in progress
+        or belongs to another payload (``fingerprint``); say which."""
+        ...
+
+    async def close(self) -> None:
+        """Release connections and files."""
+        ...
+
+
+class DedupBackend(DedupStore, OutcomeStore, Protocol):
+    """A backend: the worker's view and the operators' view of one store."""
+
+
+def make_dedup_store(config: DedupConfig) -> DedupBackend:
     """Build the backend named by ``config.url``'s scheme."""
     scheme = config.url.split(":", 1)[0].lower()
     if scheme == "memory":
@@ -144,8 +207,13 @@ __all__ = [
     "ClaimOutcome",
     "Claimed",
     "Conflict",
+    "DedupBackend",
     "DedupStore",
     "Done",
     "InProgress",
+    "OutcomeStore",
+    "Reopened",
+    "Stored",
     "make_dedup_store",
+    "stored_status",
 ]

@@ -11,7 +11,17 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from worker.dedup import Applied, Claimed, ClaimOutcome, Conflict, Done, InProgress
+from worker.dedup import (
+    Applied,
+    Claimed,
+    ClaimOutcome,
+    Conflict,
+    Done,
+    InProgress,
+    Reopened,
+    Stored,
+    stored_status,
+)
 from worker.settings import DedupConfig
 
 PURGE_EVERY = 1024  # claims between two sweeps of expired entries
@@ -87,6 +97,27 @@ class MemoryDedupStore:
         """Keep the newest ``issued_at`` of ``target`` for the retention window."""
         newest = max(issued_at, await self.last_applied(target) or issued_at)
         self._applied[target] = (newest, self._clock() + self._retention_s)
+
+    async def lookup(self, command_id: str) -> Stored | None:
+        """What is stored for ``command_id``."""
+        entry = self._entries.get(command_id)
+        if entry is None or entry.expires_at <= self._clock():
+            return None
+        return Stored(entry.fingerprint, entry.result)
+
+    async def reopen(self, command_id: str, fingerprint: str) -> Reopened:
+        """Forget a stored non-success of the same payload (see :mod:`worker.dedup`)."""
+        entry = self._entries.get(command_id)
+        if entry is None or entry.expires_at <= self._clock():
+            return Reopened.ABSENT
+        if entry.fingerprint != fingerprint:
+            return Reopened.CONFLICT
+        if entry.result is None:
+            return Reopened.IN_PROGRESS
+        if stored_status(entry.result) == "succeeded":
+            return Reopened.SUCCEEDED
+        del self._entries[command_id]
+        return Reopened.CLEARED
 
     async def ping(self) -> None:
         """Always reachable."""

@@ -64,7 +64,16 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import MasterDownError, NoScriptError, ReadOnlyError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from worker.dedup import Applied, Claimed, ClaimOutcome, Conflict, Done, InProgress
+from worker.dedup import (
+    Applied,
+    Claimed,
+    ClaimOutcome,
+    Conflict,
+    Done,
+    InProgress,
+    Reopened,
+    Stored,
+)
 from worker.errors import StoreUnavailable
 from worker.settings import DedupConfig
 
@@ -134,6 +143,19 @@ else
 end
 return 1
 """
+# ARGV[1] = fingerprint.  Forgets a done record of that fingerprint unless its result event
+# succeeded (or cannot be read: never rerun what may have succeeded); says what it found.
+_REOPEN = r"""
+local stored = redis.call('GET', KEYS[1])
+if not stored then return 'absent' end
+local sep = string.find(stored, '\0', 2, true)
+if not sep or string.sub(stored, 2, sep - 1) ~= ARGV[1] then return 'conflict' end
+if string.sub(stored, 1, 1) ~= 'D' then return 'in_progress' end
+local ok, event = pcall(cjson.decode, string.sub(stored, sep + 1))
+if not ok or type(event) ~= 'table' or event['status'] == 'succeeded' then return 'succeeded' end
+redis.call('DEL', KEYS[1])
+return 'cleared'
+"""
 SCRIPTS = {
     "claim": _CLAIM,
     "complete": _COMPLETE,
@@ -141,6 +163,7 @@ SCRIPTS = {
     "renew": _RENEW,
     "last_applied": _LAST_APPLIED,
     "mark_applied": _MARK_APPLIED,
+    "reopen": _REOPEN,
 }
 
 # One command of a call: a script and its (numkeys, *keys, *args), or None and a plain command.
@@ -391,6 +414,22 @@ class RedisDedupStore:
     def _mark(self, target: str, issued_at: float) -> Op:
         issued = repr(issued_at).encode()
         return self._op("mark_applied", applied_key(target), issued, self._retention_ms)
+
+    async def lookup(self, command_id: str) -> Stored | None:
+        """What is stored for ``command_id``."""
+        op: Op = (None, ("GET", command_key(command_id).encode()))
+        (stored,) = await _reach(self._batch.run([op]))
+        if stored is None:
+            return None
+        sep = stored.find(b"\0", 1)
+        fingerprint = stored[1:sep].decode()
+        return Stored(fingerprint, stored[sep + 1 :] if stored[:1] == b"D" else None)
+
+    async def reopen(self, command_id: str, fingerprint: str) -> Reopened:
+        """Forget a stored non-success of the same payload, in one script."""
+        op = self._op("reopen", command_key(command_id), fingerprint.encode())
+        (found,) = await _reach(self._batch.run([op]))
+        return Reopened(found.decode() if isinstance(found, bytes) else str(found))
 
     async def ping(self) -> None:
         """Raise :class:`StoreUnavailable` if Redis cannot be reached."""

@@ -22,7 +22,17 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from worker.dedup import Applied, Claimed, ClaimOutcome, Conflict, Done, InProgress
+from worker.dedup import (
+    Applied,
+    Claimed,
+    ClaimOutcome,
+    Conflict,
+    Done,
+    InProgress,
+    Reopened,
+    Stored,
+    stored_status,
+)
 from worker.errors import StoreUnavailable
 from worker.settings import DedupConfig
 
@@ -80,6 +90,7 @@ _RELEASE = (
     "DELETE FROM dedup"
     " WHERE command_id = ? AND token = ? AND state = 'in_progress' AND expires_at > ?"
 )
+_FORGET = "DELETE FROM dedup WHERE command_id = ?"
 _PURGE = (
     "DELETE FROM dedup WHERE command_id IN"
     " (SELECT command_id FROM dedup WHERE expires_at <= ? LIMIT ?)"
@@ -174,6 +185,30 @@ class SqliteDedupStore:
                 _MARK_APPLIED, (target, issued_at, self._clock() + self._retention_s)
             )
 
+    async def lookup(self, command_id: str) -> Stored | None:
+        """What is stored for ``command_id``."""
+        with _reach():
+            row = self._conn.execute(_SELECT, (command_id,)).fetchone()
+        if row is None or row[3] <= self._clock():
+            return None
+        return Stored(row[1], None if row[0] != "done" else bytes(row[2] or b""))
+
+    async def reopen(self, command_id: str, fingerprint: str) -> Reopened:
+        """Forget a stored non-success of the same payload, in one ``BEGIN IMMEDIATE``."""
+        conn = self._conn
+        with _reach():
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                row = conn.execute(_SELECT, (command_id,)).fetchone()
+                found = _reopened(row, fingerprint, self._clock())
+                if found is Reopened.CLEARED:
+                    conn.execute(_FORGET, (command_id,))
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+        return found
+
     async def ping(self) -> None:
         """Raise :class:`StoreUnavailable` if the database cannot be read."""
         with _reach():
@@ -193,6 +228,20 @@ def _known(state: str, stored: str, result: bytes | None, fingerprint: str) -> C
     if state == "done" and result is not None:
         return Done(bytes(result))
     return InProgress()
+
+
+def _reopened(
+    row: tuple[str, str, bytes | None, float] | None, fingerprint: str, now: float
+) -> Reopened:
+    if row is None or row[3] <= now:
+        return Reopened.ABSENT
+    if row[1] != fingerprint:
+        return Reopened.CONFLICT
+    if row[0] != "done":
+        return Reopened.IN_PROGRESS
+    if stored_status(bytes(row[2] or b"")) == "succeeded":
+        return Reopened.SUCCEEDED
+    return Reopened.CLEARED
 
 
 def _connect(path: str) -> sqlite3.Connection:
