@@ -169,19 +169,22 @@ def dlq() -> None:
 @_dlq_filters
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line, not a table.")
 def dlq_list(as_json: bool, limit: int | None, **filters: str | None) -> None:
-    """List dead letters: command id, type, error code, attempts, failed at, routing key."""
+    """List dead letters: command id, type, error code, attempts, failed at, routing key, and
+    the stored outcome of the command in the dedup store (CW_DEDUP_URL)."""
     import orjson
     from rich.console import Console
 
     from worker.operators import dlq_render as r
 
     flt = r.filter_from(filters)
-    letters, total = r.run(r.list_letters(r.target_from(_settings()), flt, limit))
+    letters, looks, total = r.run(r.list_looked(r.target_from(_settings()), flt, limit))
     if as_json:
-        for letter in letters:
-            click.echo(orjson.dumps(r.summary(letter)).decode())
+        for index, letter in enumerate(letters):
+            look = looks[index] if looks else None
+            click.echo(orjson.dumps(r.summary(letter, look)).decode())
     else:
-        Console().print(r.letters_table(letters, f"{len(letters)} of {total} dead letter(s)"))
+        title = f"{len(letters)} of {total} dead letter(s)"
+        Console().print(r.letters_table(letters, title, looks))
 
 
 @dlq.command("show")
@@ -195,12 +198,13 @@ def dlq_show(command_id: str) -> None:
     from worker.operators.dlq import Filter
 
     flt = Filter(ids=frozenset({command_id}))
-    letters, _ = r.run(r.list_letters(r.target_from(_settings()), flt, None))
+    letters, looks, _ = r.run(r.list_looked(r.target_from(_settings()), flt, None))
     if not letters:
         raise click.ClickException(f"no dead letter with command id {command_id!r}")
     console = Console()
     for index, letter in enumerate(letters, 1):
-        console.print(r.letter_details(letter, index, len(letters)))
+        look = looks[index - 1] if looks else None
+        console.print(r.letter_details(letter, index, len(letters), look))
 
 
 @dlq.command("replay")
@@ -213,11 +217,20 @@ def dlq_show(command_id: str) -> None:
     type=click.IntRange(1, 256),
     help="Publishes awaiting their confirm at once; each dead letter is removed after its own.",
 )
-@click.option("--dry-run", is_flag=True, help="Only list what would be replayed.")
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Only list what would be replayed and, per error code, how many would be carried out "
+    "or answered from the store.",
+)
 def dlq_replay(
     rate: str | None, in_flight: int, dry_run: bool, limit: int | None, **filters: str | None
 ) -> None:
     """Publish dead letters back to the commands exchange, each confirmed before it is removed.
+
+    Replay means retry: each command's stored outcome in the dedup store (CW_DEDUP_URL) is
+    forgotten first unless it succeeded, so rejected, failed and expired commands are carried out
+    again; a stored success is answered as a duplicate, without a provider call.
 
     Ctrl-C finishes the messages in hand (at most --in-flight) and exits 130; run the same
     command again to resume.
@@ -228,13 +241,18 @@ def dlq_replay(
 
     flt, per_s, target = r.filter_from(filters), r.rate_from(rate), r.target_from(_settings())
     if dry_run:
-        letters, total = r.run(r.list_letters(target, flt, limit))
+        letters, looks, total = r.run(r.list_looked(target, flt, limit))
         title = f"would replay {len(letters)} of {total} dead letter(s)"
-        Console().print(r.letters_table(letters, title))
+        Console().print(r.letters_table(letters, title, looks))
+        if looks is not None:
+            Console().print(r.dry_run_table(letters, looks, "what the replay would do"))
         return
     console = Console(stderr=True)
-    report = r.run(r.replay(target, flt, limit, rate=per_s, in_flight=in_flight, console=console))
+    work = r.replay(target, flt, limit, rate=per_s, in_flight=in_flight, console=console)
+    report, reopener = r.run(work)
     click.echo(r.replay_summary(report))
+    if reopener is not None:
+        click.echo(reopener.summary())
     if report.interrupted:
         click.echo("interrupted: run the same command again to resume", err=True)
         sys.exit(130)

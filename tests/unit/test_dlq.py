@@ -504,6 +504,8 @@ def test_plain_progress_lines_when_not_on_a_terminal() -> None:
 def test_summary_and_replay_line() -> None:
     """--json objects carry the table's fields; the final line says replayed, total, remain."""
     assert dlq_render.summary(letter(error="gone")) == {
+        "stored": None,
+        "replay": None,
         "command_id": "c-1",
         "type": "conference.update",
         "code": "provider_not_found",

@@ -10,12 +10,13 @@ prefetch of that count rather than looping on ``basic.get``: on a quorum queue e
 round trip (11 s for 5,000 here, against 0.6 s delivered to a consumer); the guarantee is the
 same.  Dead letters that arrive meanwhile (a replayed command failing again) wait for next time.
 
-**Replay** publishes each dead letter to the commands exchange (original routing key, body and
-properties) and acks it only after the broker has confirmed that publish.  ``in_flight`` such
-pairs may overlap (1: strictly one at a time, which a quorum queue's fsync per confirm caps near
-300/s on a busy machine).  Interrupted anywhere, a dead letter is either still in the queue or
-replayed and removed; only a crash between a confirm and its ack replays one twice, and the
-worker's deduplication by ``command_id`` answers the second as a duplicate.
+**Replay** first runs ``prepare`` on each dead letter (the CLI's reopens its command in the dedup
+store, :mod:`worker.operators.dlq_outcomes`), then publishes it to the commands exchange (original
+routing key, body and properties) and acks it only after the broker has confirmed that publish.
+``in_flight`` such pairs may overlap (1: strictly one at a time, which a quorum queue's fsync per
+confirm caps near 300/s on a busy machine). Interrupted anywhere, a dead letter is either still in
+the queue or replayed and removed; only a crash between a confirm and its ack replays one twice,
+and the worker's deduplication by ``command_id`` answers the second as a duplicate.
 
 Everything takes a channel and names; the CLI builds the settings (see
 :mod:`worker.operators.dlq_render`).
@@ -26,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
@@ -274,6 +275,11 @@ def select(
     return chosen if limit is None else chosen[:limit]
 
 
+#: What a replay runs on each dead letter before publishing it (an error stops the replay, and
+#: the dead letter stays).
+Prepare = Callable[[DeadLetter], Awaitable[None]]
+
+
 class Progress(Protocol):
     """Where :func:`replay` reports progress (a rich progress bar in the CLI)."""
 
@@ -310,6 +316,7 @@ async def replay(
     in_flight: int = 1,
     stop: asyncio.Event,
     progress: Progress,
+    prepare: Prepare | None = None,
 ) -> ReplayReport:
     """Publish each matching dead letter back to ``exchange_name``, confirmed, then ack it.
 
@@ -327,7 +334,7 @@ async def replay(
         raise DeadLetterError(f"exchange {exchange_name!r} does not exist") from None
     chosen = select(await browse(channel, queue_name), flt, limit, since=started_at)
     return await replay_held(
-        exchange, chosen, pace, stop=stop, progress=progress, in_flight=in_flight
+        exchange, chosen, pace, stop=stop, progress=progress, in_flight=in_flight, prepare=prepare
     )
 
 
@@ -339,6 +346,7 @@ async def replay_held(
     stop: asyncio.Event,
     progress: Progress,
     in_flight: int = 1,
+    prepare: Prepare | None = None,
 ) -> ReplayReport:
     """Replay ``chosen`` in order (see :func:`replay`); at most ``in_flight`` pairs at once.
 
@@ -355,7 +363,7 @@ async def replay_held(
                 await _settle(pending, outcomes, progress, asyncio.FIRST_COMPLETED)
             if stop.is_set() or (pace is not None and await _wait(pace(), stop)):
                 break
-            pending.add(asyncio.ensure_future(_replay_one(exchange, item)))
+            pending.add(asyncio.ensure_future(_replay_one(exchange, item, prepare)))
         await _settle(pending, outcomes, progress, asyncio.ALL_COMPLETED)
     finally:
         if pending:  # cancelled or failed: let the pairs in hand complete all the same
@@ -388,8 +396,11 @@ async def _wait(delay: float, stop: asyncio.Event) -> bool:
     return stop.is_set()
 
 
-async def _replay_one(exchange: AbstractExchange, item: Held) -> bool:
-    """Publish, wait for the confirm, ack the dead letter; False (it stays) if that failed."""
+async def _replay_one(exchange: AbstractExchange, item: Held, prepare: Prepare | None) -> bool:
+    """Prepare, publish, wait for the confirm, ack the dead letter; False (it stays) if the
+    publish failed."""
+    if prepare is not None:
+        await prepare(item.letter)
     message = replay_message(item.letter, datetime.now(UTC))
     try:
         await exchange.publish(message, item.letter.routing_key, mandatory=True)

@@ -39,9 +39,18 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
+from worker.errors import StoreUnavailable
 from worker.operators import dlq
 from worker.operators.dlq import DeadLetter, DeadLetterError, Filter
-from worker.settings import Settings
+from worker.operators.dlq_outcomes import (
+    FATES,
+    Outlook,
+    Reopener,
+    fates_by_code,
+    looks_of,
+    open_store,
+)
+from worker.settings import DedupConfig, Settings
 
 T = TypeVar("T")
 PLAIN_PROGRESS_EVERY_S = 5.0
@@ -128,9 +137,11 @@ def when(moment: datetime | None) -> str:
     return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ") if moment else ""
 
 
-def summary(letter: DeadLetter) -> dict[str, Any]:
+def summary(letter: DeadLetter, look: Outlook | None = None) -> dict[str, Any]:
     """One dead letter as a JSON object (``dlq list --json`` prints one per line)."""
     return {
+        "stored": look.stored if look else None,
+        "replay": look.fate if look else None,
         "command_id": letter.command_id or None,
         "type": letter.type or None,
         "code": letter.code or None,
@@ -142,8 +153,10 @@ def summary(letter: DeadLetter) -> dict[str, Any]:
     }
 
 
-def letters_table(letters: list[DeadLetter], title: str) -> Table:
-    """The ``dlq list`` table."""
+def letters_table(
+    letters: list[DeadLetter], title: str, looks: list[Outlook] | None = None
+) -> Table:
+    """The ``dlq list`` table (with the stored outcome of each command when ``looks``)."""
     table = Table(title=title, title_justify="left")
     table.add_column("command id", overflow="fold")
     table.add_column("type", overflow="fold")
@@ -151,7 +164,8 @@ def letters_table(letters: list[DeadLetter], title: str) -> Table:
     table.add_column("attempts", justify="right", no_wrap=True)
     table.add_column("failed at", no_wrap=True)
     table.add_column("routing key", overflow="fold")
-    for letter in letters:
+    table.add_column("stored outcome", overflow="fold")
+    for index, letter in enumerate(letters):
         attempts = "" if letter.attempts is None else str(letter.attempts)
         table.add_row(
             letter.command_id,
@@ -160,7 +174,19 @@ def letters_table(letters: list[DeadLetter], title: str) -> Table:
             attempts,
             when(letter.failed_at),
             letter.routing_key,
+            looks[index].stored if looks else "?",
         )
+    return table
+
+
+def dry_run_table(letters: list[DeadLetter], looks: list[Outlook], title: str) -> Table:
+    """``dlq replay --dry-run``: per error code, what a replay would do with its dead letters."""
+    table = Table(title=title, title_justify="left")
+    table.add_column("error code", overflow="fold")
+    for fate in FATES:
+        table.add_column(fate, justify="right")
+    for code, fates in sorted(fates_by_code(letters, looks).items()):
+        table.add_row(code, *(str(fates[fate]) for fate in FATES))
     return table
 
 
@@ -181,10 +207,14 @@ def _mapping_table(title: str, values: Mapping[str, Any]) -> Table:
     return table
 
 
-def letter_details(letter: DeadLetter, index: int, count: int) -> RenderableType:
+def letter_details(
+    letter: DeadLetter, index: int, count: int, look: Outlook | None = None
+) -> RenderableType:
     """Everything about one dead letter, for ``dlq show``."""
+    stored = f"stored outcome: {look.stored}; a replay: {look.fate}" if look else ""
     return Group(
         Text(f"dead letter {index} of {count}: {letter.code or 'no code'}", style="bold"),
+        Text(stored or "stored outcome: unknown (the dedup store is not reachable from here)"),
         _mapping_table("properties", {"routing_key": letter.routing_key, **letter.properties}),
         _mapping_table("headers", letter.headers),
         Text("body", style="bold"),
@@ -243,12 +273,20 @@ class Target:
     amqp_url: str
     dead_queue: str
     commands_exchange: str
+    dedup: DedupConfig | None = None  # the workers' dedup store (None: not consulted)
+    max_body_bytes: int = 256 * 1024
 
 
 def target_from(settings: Settings) -> Target:
-    """The broker and the names of the dead-letter queue and the commands exchange."""
+    """The broker, the names of the dead-letter queue and the commands exchange, the store."""
     url = settings.amqp_url.get_secret_value()
-    return Target(url, settings.dead_queue, settings.commands_exchange)
+    return Target(
+        url,
+        settings.dead_queue,
+        settings.commands_exchange,
+        settings.dedup(),
+        settings.max_body_bytes,
+    )
 
 
 def replay_summary(report: dlq.ReplayReport) -> str:
@@ -281,6 +319,8 @@ def run(work: Coroutine[Any, Any, T]) -> T:
         return asyncio.run(work)
     except DeadLetterError as exc:
         raise click.ClickException(str(exc)) from None
+    except StoreUnavailable as exc:
+        raise click.ClickException(f"dedup store: {exc}") from None
     except (AMQPError, OSError) as exc:
         raise click.ClickException(f"RabbitMQ: {type(exc).__name__}: {exc}") from None
 
@@ -304,6 +344,14 @@ async def list_letters(
     async with open_channel(target) as channel:
         held = await dlq.browse(channel, target.dead_queue)
         return [item.letter for item in dlq.select(held, flt, limit)], len(held)
+
+
+async def list_looked(
+    target: Target, flt: Filter, limit: int | None
+) -> tuple[list[DeadLetter], list[Outlook] | None, int]:
+    """:func:`list_letters`, with the stored outcome of each (None: no store to ask)."""
+    letters, total = await list_letters(target, flt, limit)
+    return letters, await looks_of(target.dedup, letters, target.max_body_bytes), total
 
 
 async def purge(
@@ -330,13 +378,18 @@ async def replay(
     rate: float | None,
     in_flight: int,
     console: Console,
-) -> dlq.ReplayReport:
-    """Replay with a progress bar; SIGINT/SIGTERM finish the message in hand, then stop."""
+) -> tuple[dlq.ReplayReport, Reopener | None]:
+    """Replay with a progress bar, reopening each command in the dedup store first (when the
+    target names one); SIGINT/SIGTERM finish the messages in hand, then stop."""
     stop = asyncio.Event()
     pace = TokenBucket(rate, burst=max(1.0, rate / 50)).reserve if rate else None
     with _stop_on_signals(stop):
-        async with open_channel(target) as channel:
-            return await dlq.replay(
+        async with (
+            open_store(target.dedup, required=True) as store,
+            open_channel(target) as channel,
+        ):
+            reopener = None if store is None else Reopener(store, target.max_body_bytes)
+            report = await dlq.replay(
                 channel,
                 target.dead_queue,
                 target.commands_exchange,
@@ -346,7 +399,9 @@ async def replay(
                 in_flight=in_flight,
                 stop=stop,
                 progress=RichProgress(console),
+                prepare=reopener,
             )
+            return report, reopener
 
 
 @contextlib.contextmanager
