@@ -47,6 +47,7 @@ class Cli:
 
     settings: Settings
     started: list[asyncio.subprocess.Process] = field(default_factory=list)
+    extra_env: dict[str, str] = field(default_factory=dict)  # e.g. CW_DEDUP_URL
 
     def env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("CW_")}
@@ -56,6 +57,7 @@ class Cli:
                 "CW_COMMANDS_EXCHANGE": self.settings.commands_exchange,
                 "CW_DEAD_QUEUE": self.settings.dead_queue,
                 "COLUMNS": "160",
+                **self.extra_env,
             }
         )
         return env
