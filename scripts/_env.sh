@@ -49,6 +49,12 @@ ensure_rabbitmq() {
   rabbitmqctl await_startup >/dev/null 2>&1 || true
 }
 
+# Headless Chromium and its driver, for the dead-letter console's browser test.
+ensure_chromium() {
+  command -v chromium >/dev/null && command -v chromedriver >/dev/null && return 0
+  apt_install chromium chromium-driver || say "no chromium: the console's browser test will be skipped"
+}
+
 ensure_redis() {
   port_open 6379 && return 0
   command -v redis-server >/dev/null || apt_install redis-server

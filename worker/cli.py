@@ -273,3 +273,23 @@ def dlq_purge(yes: bool, limit: int | None, **filters: str | None) -> None:
     if matched and not purged:
         raise click.ClickException("not confirmed; nothing was purged")
     click.echo(f"purged {purged} dead letter(s)")
+
+
+@main.command()
+@click.option("--host", default=None, help="Default: CW_CONSOLE_HOST (127.0.0.1).")
+@click.option("--port", default=None, type=int, help="Default: CW_CONSOLE_PORT (8081).")
+def console(host: str | None, port: int | None) -> None:
+    """Serve the dead-letter console: a web page to inspect, replay and purge dead letters.
+
+    Replays and purges need the token of CW_CONSOLE_TOKEN (without it the page is read-only);
+    the live panel reads the worker's /metrics at CW_CONSOLE_WORKER_URL.
+    """
+    from worker.console.server import serve
+    from worker.observability import log
+
+    settings = _settings()
+    updates = {"console_host": host, "console_port": port}
+    settings = settings.model_copy(update={k: v for k, v in updates.items() if v is not None})
+    log.configure(settings.log_level)
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(serve(settings))

@@ -189,6 +189,14 @@ class Settings(BaseSettings):
     # empty: <host name>-<process id>.
     instance_name: str = Field("", max_length=100)
 
+    # The dead-letter console (``conference-worker console``): where it listens (127.0.0.1 keeps
+    # it private), the token every change (replay, purge) needs (unset: the console is
+    # read-only), and the worker whose /metrics it shows beside the dead letters.
+    console_host: str = "127.0.0.1"
+    console_port: int = Field(8081, ge=0, le=65535)  # 0: any free port (tests)
+    console_token: SecretStr | None = None
+    console_worker_url: str = "http://127.0.0.1:8080"
+
     def instance(self) -> str:
         """This worker's name: :attr:`instance_name`, else ``<host name>-<process id>``."""
         return self.instance_name or f"{socket.gethostname()}-{os.getpid()}"
