@@ -1,20 +1,23 @@
 """The dead-letter console in a real browser (headless Chromium through chromedriver, Debian's
 ``chromium`` and ``chromium-driver``): load the page, filter by code, open one dead letter,
 replay a group of 100 and see the group gone and the 100 results arrive; a change without the
-token is refused (403) and changes nothing.  Screenshots go to ``docs/``.
+token is refused (403) and changes nothing.  Screenshots go to the test's temporary directory,
+or to ``docs/`` (the README's) with ``CW_SCREENSHOTS=docs``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+from pydantic import SecretStr
 
-from tests.integration.conftest import REDIS_URL, Admin, WorkerFactory, worker_settings
+from tests.integration.conftest import REDIS_URL, Admin, WorkerFactory
 from tests.integration.test_dlq import ready_count
 from tests.integration.test_dlq_replay import conferences, not_found_on, role, run_id
 from worker.console.server import TOKEN_HEADER, Console
@@ -49,7 +52,7 @@ def wait_for(driver: Any, condition: Any, timeout_s: float = 60.0) -> Any:
     return WebDriverWait(driver, timeout_s, poll_frequency=0.2).until(condition)
 
 
-def use_console(url: str, fix_cause: Any) -> dict[str, Any]:
+def use_console(url: str, fix_cause: Any, shots: Path) -> dict[str, Any]:
     """What an operator does in the browser (runs in a thread: selenium blocks)."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select
@@ -63,7 +66,7 @@ def use_console(url: str, fix_cause: Any) -> dict[str, Any]:
         seen["groups"] = {
             row.get_attribute("data-code"): row.get_attribute("data-count") for row in groups
         }
-        driver.save_screenshot(str(DOCS / "console-dead-letters.png"))
+        driver.save_screenshot(str(shots / "console-dead-letters.png"))
         Select(driver.find_element(By.ID, "filter-code")).select_by_visible_text(
             "provider_not_found"
         )
@@ -81,7 +84,7 @@ def use_console(url: str, fix_cause: Any) -> dict[str, Any]:
             "stored": driver.find_element(By.ID, "stored").text,
             "body": driver.find_element(By.ID, "body").text,
         }
-        driver.save_screenshot(str(DOCS / "console-dead-letter.png"))
+        driver.save_screenshot(str(shots / "console-dead-letter.png"))
         driver.get(url)
         wait_for(driver, lambda d: d.find_elements(By.ID, "token"))
         driver.find_element(By.ID, "token").send_keys(TOKEN)
@@ -108,7 +111,7 @@ def use_console(url: str, fix_cause: Any) -> dict[str, Any]:
             for row in driver.find_elements(By.CSS_SELECTOR, "#groups tbody tr")
         }
         seen["succeeded"] = int(driver.find_element(By.ID, "results-succeeded").text)
-        driver.save_screenshot(str(DOCS / "console-replayed.png"))
+        driver.save_screenshot(str(shots / "console-replayed.png"))
     finally:
         driver.quit()
     return seen
@@ -119,7 +122,7 @@ async def test_the_console_in_a_browser(
     fixtures: dict[str, Any],
     admin: Admin,
     run_id: str,
-    prefix: str,
+    tmp_path: Path,
 ) -> None:
     """Filter, inspect, replay a group of 100 in headless Chromium: the group leaves the queue and
     100 successes arrive; without the token a replay is refused with 403 and nothing moves."""
@@ -134,12 +137,12 @@ async def test_the_console_in_a_browser(
             await bus.publish({**role(f"{run_id}bad-{i}", conference), "supervisor_role": "shout"})
         await bus.events(GROUP + 3, timeout_s=60)
         assert await ready_count(bus.settings, GROUP + 3) == GROUP + 3
-        settings = worker_settings(
-            prefix,
-            dedup_url=REDIS_URL,
-            console_port=0,
-            console_token=TOKEN,
-            console_worker_url=f"http://127.0.0.1:{service.http_port}",
+        settings = bus.settings.model_copy(
+            update={
+                "console_port": 0,
+                "console_token": SecretStr(TOKEN),
+                "console_worker_url": f"http://127.0.0.1:{service.http_port}",
+            }
         )
         console = Console(settings)
         await console.start()
@@ -160,7 +163,8 @@ async def test_the_console_in_a_browser(
                     admin.call("DELETE", "/__admin/faults"), loop
                 ).result(10)
 
-            seen = await asyncio.to_thread(use_console, url, fix_cause)
+            shots = DOCS if os.environ.get("CW_SCREENSHOTS") == "docs" else tmp_path
+            seen = await asyncio.to_thread(use_console, url, fix_cause, shots)
         finally:
             await console.stop()
         events = await bus.events(GROUP, timeout_s=60)
