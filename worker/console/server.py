@@ -201,7 +201,9 @@ class Console:
         assert self.metrics is not None
         assert self.http is not None
         s = self.settings
-        names = [s.commands_queue, s.dead_queue]
+        topology = s.topology()
+        intake = [topology.intake_queue] if topology.partitioned else []
+        names = [*intake, *topology.work_queues(), s.dead_queue]
         body = {
             "queues": await live.queue_depths(self.connection, names),
             "worker": await self.metrics.read(self.http),
