@@ -27,6 +27,7 @@ REGENERATE = (
 )
 DOC_URI = "urn:asyncapi"
 COMMAND = TypeAdapter(Command)
+INTAKE = "conference-worker.commands.intake"  # the queue publishers' commands land in
 
 
 @pytest.fixture(scope="module")
@@ -188,13 +189,48 @@ def test_examples_cover_every_command_type_and_status(doc: dict[str, Any]) -> No
 
 def test_the_document_is_faststreams_view_of_the_worker_app(doc: dict[str, Any]) -> None:
     """The subscriber's payload is the command union, the publishers' what they send."""
-    commands = message_of(doc, "conference-worker.commands")
+    commands = message_of(doc, INTAKE)
     union = doc["components"]["schemas"][payload_name(doc, commands)]
     refs_ = {item["$ref"].rsplit("/", 1)[1] for item in union["oneOf"]}
     assert refs_ == {"ConferenceUpdate", "SupervisorRoleChange"}
     for channel in ("conference.results", "reply_to"):
         assert payload_name(doc, message_of(doc, channel)) == "ResultEvent"
-    assert doc["operations"]["conference-worker.commands"]["bindings"]["amqp"]["ack"] is True
+    assert doc["operations"][INTAKE]["bindings"]["amqp"]["ack"] is True
+
+
+def test_the_document_shows_the_partitioned_intake(doc: dict[str, Any]) -> None:
+    """The document renders the default (partitioned) layout: publishers' commands go to the
+    intake queue, bound to the commands exchange with ``conference.*``, a single-active-consumer
+    quorum queue; neither the old single queue nor the worker's own partitions are channels."""
+    from worker.contract.asyncapi import DOCUMENTED_PARTITIONS
+    from worker.settings import Settings, Topology
+
+    assert Settings.model_fields["partitions"].default == DOCUMENTED_PARTITIONS
+    intake = doc["channels"][INTAKE]
+    assert intake["bindings"]["amqp"]["queue"]["name"] == INTAKE
+    assert intake["x-binding"] == {"exchange": "conference.commands", "key": "conference.*"}
+    arguments = intake["x-arguments"]
+    assert arguments["x-single-active-consumer"] is True
+    assert arguments["x-queue-type"] == "quorum"
+    assert arguments["x-delivery-limit"] == Topology().delivery_limit
+    partitions = Topology(partitions=DOCUMENTED_PARTITIONS)
+    hidden = {partitions.commands_queue, partitions.partitions_exchange}
+    assert not hidden & set(doc["channels"])
+    assert not set(partitions.partition_queues()) & set(doc["channels"])
+
+
+def test_the_single_queue_document_keeps_the_work_queue() -> None:
+    """Rendered for ``partitions=0`` the command channel is the single work queue, without
+    single active consumer (the layout of CONTRACT 1.1)."""
+    from worker.contract.asyncapi import document
+    from worker.settings import Topology
+
+    single = document(Topology(partitions=0))
+    assert "conference-worker.commands" in single["channels"]
+    assert INTAKE not in single["channels"]
+    arguments = single["channels"]["conference-worker.commands"]["x-arguments"]
+    assert "x-single-active-consumer" not in arguments
+    assert single["operations"]["conference-worker.commands"]["action"] == "receive"
 
 
 def test_a_changed_subscriber_makes_the_document_stale(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -238,7 +274,7 @@ def test_operations_use_messages_of_their_channel(doc: dict[str, Any]) -> None:
     """Each operation's messages are messages of the operation's own channel."""
     actions = {name: op["action"] for name, op in doc["operations"].items()}
     assert actions == {
-        "conference-worker.commands": "receive",
+        INTAKE: "receive",
         "conference.results": "send",
         "reply_to": "send",
         "conference.dead": "send",

@@ -230,7 +230,9 @@ def bug3_open() -> bool:
 def incoming(**properties: Any) -> Any:
     """A stand-in for the delivery the consumer answers (no properties unless given)."""
     names = ("correlation_id", "reply_to", "content_type", "content_encoding", "message_id")
-    fields = dict.fromkeys((*names, "timestamp", "type", "app_id", "user_id", "exchange"))
+    fields = dict.fromkeys(
+        (*names, "timestamp", "type", "app_id", "priority", "user_id", "exchange")
+    )
     fields.update(body=b"{}", headers={}, routing_key="conference.update")
     return SimpleNamespace(**{**fields, **properties})
 
