@@ -40,13 +40,26 @@ wait_port() {
 }
 
 ensure_rabbitmq() {
-  port_open 5672 && return 0
-  command -v rabbitmq-server >/dev/null || apt_install rabbitmq-server
-  say "starting RabbitMQ"
-  rabbitmq-server -detached >/dev/null 2>&1 || true
-  wait_port 5672 RabbitMQ
-  # The broker accepts TCP before it is ready for AMQP; wait until it answers.
-  rabbitmqctl await_startup >/dev/null 2>&1 || true
+  if ! port_open 5672; then
+    command -v rabbitmq-server >/dev/null || apt_install rabbitmq-server
+    say "starting RabbitMQ"
+    rabbitmq-server -detached >/dev/null 2>&1 || true
+    wait_port 5672 RabbitMQ
+    # The broker accepts TCP before it is ready for AMQP; wait until it answers.
+    rabbitmqctl await_startup >/dev/null 2>&1 || true
+  fi
+  ensure_rabbitmq_plugin rabbitmq_consistent_hash_exchange
+}
+
+# The partitioned topology's consistent-hash exchange is a plugin shipped with RabbitMQ (README,
+# "Scaling").  Enabling an enabled plugin is a no-op; a broker we cannot administer is reported.
+ensure_rabbitmq_plugin() {
+  local plugin=$1
+  command -v rabbitmq-plugins >/dev/null || { say "no rabbitmq-plugins here: enable $plugin on the broker"; return 0; }
+  if rabbitmq-plugins list -e "^$plugin\$" 2>/dev/null | grep -q "\[E"; then return 0; fi
+  say "enabling the RabbitMQ plugin $plugin"
+  rabbitmq-plugins enable "$plugin" >/dev/null 2>&1 \
+    || say "could not enable $plugin (run: rabbitmq-plugins enable $plugin, or set CW_PARTITIONS=0)"
 }
 
 # Headless Chromium and its driver, for the dead-letter console's browser test.
