@@ -59,7 +59,8 @@ def partition_key(body: bytes, fallback: str = "") -> str:
         return fallback
     if not isinstance(command, dict):
         return fallback
-    fields = _TARGET_FIELDS.get(command.get("type"))  # type: ignore[arg-type]
+    kind = command.get("type")
+    fields = _TARGET_FIELDS.get(kind) if isinstance(kind, str) else None  # a list is unhashable
     if fields is None:
         return fallback
     provider, first, second = fields
@@ -87,7 +88,9 @@ def routed_options(message: AbstractIncomingMessage, key: str) -> dict[str, Any]
     """Publish options that carry ``message`` on unchanged (but for our headers), to the routing
     key its publisher used; unroutable (no partition bound) is a fault: back to the intake."""
     options = carried_options(message, routed_headers(message, key))
-    options["routing_key"] = original_routing_key(message)
+    # A publisher's cw-routing-key is stripped like every cw-* header, so it is not used either.
+    ours = from_our_delay(message)
+    options["routing_key"] = original_routing_key(message) if ours else message.routing_key or ""
     return options
 
 
