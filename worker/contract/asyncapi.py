@@ -54,6 +54,18 @@ _DEAD_HEADERS = {
     "x-original-routing-key": {"type": "string", "description": "The command's routing key."},
     "x-failed-at": {"type": "string", "format": "date-time", "description": "RFC 3339 time."},
 }
+_REPLAY_HEADERS = {  # optional: only on a dead letter that was replayed and failed again
+    "x-replay-count": {
+        "type": "integer",
+        "minimum": 1,
+        "description": "Times an operator replayed it (set by the replay; since 1.2).",
+    },
+    "x-replayed-at": {
+        "type": "string",
+        "format": "date-time",
+        "description": "The last replay's time (set by the replay; since 1.2).",
+    },
+}
 _DESCRIPTION = (
     "The wire contract of the conference worker (CONTRACT.md): FastStream's document of the "
     "worker's subscriber and publishers, with the contract's headers and examples. Generated "
@@ -157,7 +169,7 @@ def _dead_letter_headers() -> dict[str, Any]:
         "type": "object",
         "description": "The command's own headers, plus why it was dead-lettered: the worker's "
         "x- headers, or RabbitMQ's x-death when the command queue's delivery limit was reached.",
-        "properties": _TRACE_HEADERS | _DEAD_HEADERS | extra,
+        "properties": _TRACE_HEADERS | _DEAD_HEADERS | _REPLAY_HEADERS | extra,
         "anyOf": [{"required": list(_DEAD_HEADERS)}, {"required": ["x-death"]}],
     }
 
