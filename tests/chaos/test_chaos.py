@@ -14,7 +14,7 @@ import aiohttp
 import pytest
 
 from tests.chaos.conftest import Run, env_for
-from tests.integration.conftest import AMQP_URL, Admin, Processes, wait_for_consumers
+from tests.integration.conftest import AMQP_URL, Admin, Processes, wait_for_workers
 
 pytestmark = [pytest.mark.integration, pytest.mark.chaos]
 
@@ -46,7 +46,7 @@ async def started(run: Run, processes: Processes, **overrides: object) -> subpro
     worker = processes.spawn(env_for(run, prefetch=PREFETCH, **overrides))
     connection = await aio_pika.connect(AMQP_URL)
     async with connection:
-        await wait_for_consumers(await connection.channel(), run.settings.commands_queue, 1)
+        await wait_for_workers(await connection.channel(), run.settings, 1)
     return worker
 
 

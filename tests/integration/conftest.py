@@ -148,8 +148,8 @@ class Bus:
         return await take(queue, count, timeout_s)
 
 
-def queue_counts(name: str) -> tuple[int, int]:
-    """(ready, unacknowledged) messages of a queue, as RabbitMQ itself reports them."""
+def listed_counts() -> dict[str, tuple[int, int]]:
+    """(ready, unacknowledged) messages of every queue, as RabbitMQ itself reports them."""
     out = subprocess.run(
         [
             "rabbitmqctl",
@@ -165,11 +165,35 @@ def queue_counts(name: str) -> tuple[int, int]:
         text=True,
         timeout=60,
     ).stdout
+    counts = {}
     for line in out.splitlines():
         parts = line.split()
-        if parts and parts[0] == name:
-            return int(parts[1]), int(parts[2])
-    raise AssertionError(f"queue {name} not found")
+        if len(parts) == 3:
+            counts[parts[0]] = (int(parts[1]), int(parts[2]))
+    return counts
+
+
+def queue_counts(name: str) -> tuple[int, int]:
+    """(ready, unacknowledged) messages of a queue, as RabbitMQ itself reports them."""
+    counts = listed_counts()
+    if name not in counts:
+        raise AssertionError(f"queue {name} not found")
+    return counts[name]
+
+
+def command_queues(settings: Settings) -> list[str]:
+    """Every queue a command waits in before it is carried out: the intake and the work queues
+    (the partitions when partitioned, else the single command queue)."""
+    top = settings.topology()
+    return list(dict.fromkeys([top.intake_queue, *top.work_queues()]))
+
+
+def total_counts(names: list[str]) -> tuple[int, int]:
+    """(ready, unacknowledged) summed over ``names``, from one listing of RabbitMQ's queues."""
+    counts = listed_counts()
+    missing = [name for name in names if name not in counts]
+    assert not missing, f"queues not found: {missing}"
+    return sum(counts[n][0] for n in names), sum(counts[n][1] for n in names)
 
 
 STATS_LAG_S = 6.0  # rabbitmqctl's counts of a quorum queue are refreshed on a ~5 s tick
@@ -184,6 +208,12 @@ async def settled_counts(name: str) -> tuple[int, int]:
     """
     await asyncio.sleep(STATS_LAG_S)
     return queue_counts(name)
+
+
+async def settled_command_counts(settings: Settings) -> tuple[int, int]:
+    """(ready, unacked) over every command queue (:func:`command_queues`), once settled."""
+    await asyncio.sleep(STATS_LAG_S)
+    return total_counts(command_queues(settings))
 
 
 @pytest.fixture
@@ -291,6 +321,38 @@ async def wait_for_consumers(channel: aio_pika.abc.AbstractChannel, queue: str, 
             if (declared.declaration_result.consumer_count or 0) >= count:
                 return
             await asyncio.sleep(0.1)
+
+
+def consumer_counts() -> dict[str, int]:
+    """How many consumers each queue has, active or waiting (a single-active-consumer queue's
+    ``queue.declare-ok`` counts only its active one), as ``rabbitmqctl`` lists them."""
+    out = subprocess.run(
+        ["rabbitmqctl", "list_consumers", "-q", "--no-table-headers", "queue_name"],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout
+    counts: dict[str, int] = {}
+    for line in out.split():
+        counts[line] = counts.get(line, 0) + 1
+    return counts
+
+
+async def wait_for_workers(
+    channel: aio_pika.abc.AbstractChannel, settings: Settings, count: int
+) -> None:
+    """Until ``count`` workers consume every command queue (the intake and each partition,
+    waiting single-active consumers included).  ``channel`` is unused (kept for the callers that
+    wait on a fresh connection's channel)."""
+    del channel
+    queues = command_queues(settings)
+    async with asyncio.timeout(60):
+        while True:
+            counts = await asyncio.to_thread(consumer_counts)
+            if all(counts.get(queue, 0) >= count for queue in queues):
+                return
+            await asyncio.sleep(0.2)
 
 
 @dataclass

@@ -15,7 +15,13 @@ import orjson
 import pika
 import pytest
 
-from tests.integration.conftest import AMQP_URL, Admin, Bus, WorkerFactory, settled_counts
+from tests.integration.conftest import (
+    AMQP_URL,
+    Admin,
+    Bus,
+    WorkerFactory,
+    settled_command_counts,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -240,7 +246,7 @@ async def test_every_contract_case_gets_one_result_with_the_right_status(
             check(after, await exchange_all(client, after))
         finally:
             await asyncio.to_thread(client.close)
-        assert await settled_counts(bus.settings.commands_queue) == (0, 0)
+        assert await settled_command_counts(bus.settings) == (0, 0)
 
 
 async def test_rate_limited_answer_is_retried_after_retry_after(

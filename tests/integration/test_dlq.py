@@ -237,10 +237,16 @@ async def test_broker_dead_letters_are_listed_and_replayed(
         exchange = await channel.get_exchange(settings.commands_exchange)
         body = orjson.dumps(role(fixtures, command_id))
         await exchange.publish(aio_pika.Message(body), "conference.supervisor_role")
-        queue = await channel.get_queue(settings.commands_queue)
-        while (message := await queue.get(fail=False)) is not None:
+        # A consumer that always gives it back (basic.get is refused on a single-active-consumer
+        # queue): RabbitMQ dead-letters it at the delivery limit.
+        queue = await channel.get_queue(settings.topology().intake_queue)
+
+        async def give_back(message: aio_pika.abc.AbstractIncomingMessage) -> None:
             await message.reject(requeue=True)
-    assert await ready_count(settings, 1) == 1
+
+        tag = await queue.consume(give_back)
+        assert await ready_count(settings, 1) == 1
+        await queue.cancel(tag)
     letters, total = await list_letters(target_from(settings), dlq.Filter(), None)
     assert total == 1
     assert (letters[0].command_id, letters[0].code) == (command_id, "delivery_limit")

@@ -33,7 +33,7 @@ from tests.integration.conftest import (
     Bus,
     WorkerFactory,
     queue_counts,
-    settled_counts,
+    settled_command_counts,
 )
 from worker.contract import codec
 from worker.errors import InvalidMessage
@@ -198,7 +198,7 @@ async def test_path_injection_never_alters_the_provider_request_path(
         # Still consuming.
         await send(bus, orjson.dumps(role(fx, good_role)), "conference.supervisor_role")
         assert (await events_by_id(bus, {good_role}))[good_role][0]["status"] == "succeeded"
-        assert await settled_counts(bus.settings.commands_queue) == (0, 0)
+        assert await settled_command_counts(bus.settings) == (0, 0)
 
     valid_telnyx = {
         orjson.loads(body)["conference_id"]
@@ -238,8 +238,9 @@ async def test_malicious_and_missing_amqp_properties_are_harmless(
     fx = fixtures
     async with worker_factory() as (_, bus):
         settings = bus.settings
-        own = [settings.commands_queue, settings.dead_queue]
         topology = settings.topology()
+        # The intake, a partition (or the single command queue), the dead letters, a delay tier.
+        own = [topology.intake_queue, topology.work_queues()[0], settings.dead_queue]
         own.append(topology.delay_queue(topology.delay_tiers_s[0]))
         cases: dict[str, tuple[bytes, str, dict[str, Any]]] = {}
 
@@ -319,10 +320,10 @@ async def test_malicious_and_missing_amqp_properties_are_harmless(
         invalid = sum(1 for body, _, _ in cases.values() if rejection(body) is not None)
         letters = await bus.dead_letters(invalid)
         assert all(m.headers.get("x-error-code") == "invalid_command" for m in letters)
-        assert await settled_counts(settings.commands_queue) == (0, 0)
+        assert await settled_command_counts(settings) == (0, 0)
         assert queue_counts(settings.dead_queue) == (0, 0)
         assert await bus.results.get(fail=False) is None, "an extra result event arrived late"
-        for queue in own[2:]:
+        for queue in own[3:]:
             assert queue_counts(queue) == (0, 0)
         forged: dict[str, Any] = next(
             dict(m.headers) for m in letters if "deep" in (m.headers or {})
@@ -397,7 +398,7 @@ async def test_poison_bodies_get_one_event_and_leave_no_unacked_message(
     async with worker_factory() as (_, bus):
         got = await poison_then_normal(bus, fixtures, poison, None, timeout_s=8)
         assert len(got) == 2, got
-        assert await settled_counts(bus.settings.commands_queue) == (0, 0)
+        assert await settled_command_counts(bus.settings) == (0, 0)
 
 
 async def test_bug3_huge_integer_gets_a_rejection_not_a_crash_loop(

@@ -23,8 +23,8 @@ from tests.integration.conftest import (
     Broker,
     Processes,
     WorkerFactory,
-    settled_counts,
-    wait_for_consumers,
+    settled_command_counts,
+    wait_for_workers,
     worker_env,
 )
 from worker.sandbox import Sandbox
@@ -64,7 +64,7 @@ async def test_outage_pauses_instead_of_dead_lettering(
     """A long provider outage with 1,000 commands queued: few probe calls, nothing dead-lettered
     for the outage, every command without a deadline succeeds after it, 30 s deadlines expire."""
     processes.spawn(worker_env(prefix, sandbox, breaker_failures=5, breaker_cooldown_s=5))
-    await wait_for_consumers(broker.channel, broker.settings.commands_queue, 1)
+    await wait_for_workers(broker.channel, broker.settings, 1)
     await admin.fault(provider="telnyx", status=503)
     outage_began = time.time()
     run = uuid.uuid4().hex[:8]
@@ -107,7 +107,7 @@ async def test_sigkill_during_long_backoff_loses_nothing(
         retry_base_delay_s=3,
     )
     worker = processes.spawn(env)
-    await wait_for_consumers(broker.channel, broker.settings.commands_queue, 1)
+    await wait_for_workers(broker.channel, broker.settings, 1)
     await admin.fault(provider="telnyx", status=503, count=20)
     commands = roles(sandbox.fixtures, 20, uuid.uuid4().hex[:8])
     await broker.publish_all(commands)
@@ -179,7 +179,7 @@ async def test_sigterm_under_load_exits_cleanly_and_loses_nothing(
     await admin.fault(provider="telnyx", latency_ms=50)
     env = worker_env(prefix, sandbox, prefetch=100)
     worker = processes.spawn(env, "--grace-s", "10")
-    await wait_for_consumers(broker.channel, broker.settings.commands_queue, 1)
+    await wait_for_workers(broker.channel, broker.settings, 1)
     commands = roles(sandbox.fixtures, 2000, uuid.uuid4().hex[:8])
     await broker.publish_all(commands)
     await asyncio.sleep(2)
@@ -192,4 +192,4 @@ async def test_sigterm_under_load_exits_cleanly_and_loses_nothing(
     finals = Counter(e["command_id"] for e in events if not e["duplicate"])
     assert set(finals) == {c["command_id"] for c in commands}
     assert Counter(e["status"] for e in events) == {"succeeded": 2000}
-    assert await settled_counts(broker.settings.commands_queue) == (0, 0)
+    assert await settled_command_counts(broker.settings) == (0, 0)

@@ -14,7 +14,7 @@ from tests.integration.conftest import (
     Admin,
     Broker,
     Processes,
-    wait_for_consumers,
+    wait_for_workers,
     worker_env,
 )
 from worker.sandbox import Sandbox
@@ -29,7 +29,7 @@ async def test_burst_of_duplicates_reaches_the_provider_once_per_command(
     env = worker_env(prefix, sandbox, prefetch=50)
     for _ in range(2):
         processes.spawn(env)
-    await wait_for_consumers(broker.channel, broker.settings.commands_queue, 2)
+    await wait_for_workers(broker.channel, broker.settings, 2)
     fx = sandbox.fixtures
     conf = fx["telnyx"]["conference_ids"][0]
     calls = fx["telnyx"]["calls_by_conference"][conf]
