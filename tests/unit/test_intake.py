@@ -415,6 +415,54 @@ async def test_the_intake_requeues_when_the_publish_raises() -> None:
     assert intake.routed == 0
 
 
+class FailFirst:
+    """The partitions publisher: the first publish fails slowly, the others succeed at once."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.published: list[bytes] = []
+
+    async def publish(self, body: bytes, **options: Any) -> None:
+        self.calls += 1
+        if self.calls == 1:
+            await asyncio.sleep(0.01)
+            raise RuntimeError("nacked by the broker")
+        self.published.append(body)
+
+
+async def test_a_targets_next_command_never_overtakes_one_that_goes_back() -> None:
+    """Three deliveries routed concurrently: the first fails (back to the intake), so the second,
+    for the same target, goes back too without being published; another target's goes on."""
+    intake = Intake(FailFirst())  # type: ignore[arg-type]
+    first = Message(orjson.dumps({**ROLE, "command_id": "r-1"}))
+    second = Message(orjson.dumps({**ROLE, "command_id": "r-2"}))
+    other = Message(orjson.dumps(UPDATE))
+    await asyncio.gather(*(intake.handle(m) for m in (first, second, other)))  # type: ignore[arg-type]
+    assert first.settled == ["nack requeue=True"]
+    assert second.settled == ["nack requeue=True"]
+    assert other.settled == ["ack"]
+    assert intake.partitions.published == [orjson.dumps(UPDATE)]  # type: ignore[attr-defined]
+    assert intake.routed == 1
+
+
+async def test_a_targets_commands_are_published_in_arrival_order() -> None:
+    """Concurrent deliveries of one target reach the partitions exchange in arrival order, even
+    when an earlier publish takes longer."""
+    order: list[str] = []
+
+    class Slow:
+        async def publish(self, body: bytes, **options: Any) -> None:
+            command_id = orjson.loads(body)["command_id"]
+            await asyncio.sleep(0.02 if command_id == "r-1" else 0)
+            order.append(command_id)
+
+    intake = Intake(Slow())  # type: ignore[arg-type]
+    messages = [Message(orjson.dumps({**ROLE, "command_id": f"r-{n}"})) for n in (1, 2, 3)]
+    await asyncio.gather(*(intake.handle(m) for m in messages))  # type: ignore[arg-type]
+    assert order == ["r-1", "r-2", "r-3"]
+    assert not intake._tails  # nothing left behind
+
+
 async def test_a_holding_intake_neither_routes_nor_settles() -> None:
     """Stopping, the intake leaves what arrives unsettled, for the connection's close to
     return to the queue."""

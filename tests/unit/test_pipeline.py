@@ -13,7 +13,7 @@ import pytest
 from worker.dedup.memory import MemoryDedupStore
 from worker.errors import ProviderAnswer, ProviderName, ProviderRejected, ProviderUnavailable
 from worker.pipeline.gate import Gate, GateConfig
-from worker.pipeline.process import Delivery, Outcome, Pipeline
+from worker.pipeline.process import Delivery, DeliveryGone, Outcome, Pipeline
 from worker.pipeline.retry import Retrier, RetryState
 from worker.providers import ProviderSuccess
 from worker.settings import DedupConfig, RetryPolicy
@@ -266,6 +266,30 @@ async def test_same_target_runs_in_arrival_order_one_at_a_time() -> None:
     ids = [f"c{n}" for n in range(5)]
     await asyncio.gather(*(process(pipeline, role(command_id=i)) for i in ids))
     assert order == ids
+
+
+async def test_a_delivery_whose_channel_closed_while_waiting_is_not_carried_out() -> None:
+    """A command queued behind its target's running one, whose delivery's channel closes
+    meanwhile (the broker returned it and redelivers it elsewhere), is not carried out here:
+    DeliveryGone, no provider call, no claim left behind."""
+    telnyx = FakeProvider("telnyx")
+    telnyx.gate = asyncio.Event()
+    pipeline = make(telnyx=telnyx)
+    channel_open = True
+    first = asyncio.create_task(process(pipeline, role(command_id="c0")))
+    await asyncio.sleep(0.01)
+    second = asyncio.create_task(
+        pipeline.process(Delivery(role(command_id="c1"), alive=lambda: channel_open))
+    )
+    await asyncio.sleep(0.01)
+    channel_open = False
+    telnyx.gate.set()
+    assert (await first).status == "succeeded"
+    with pytest.raises(DeliveryGone):
+        await second
+    assert telnyx.calls == 1
+    again = await process(pipeline, role(command_id="c1"))  # the redelivered copy runs
+    assert again.status == "succeeded"
 
 
 async def test_long_backoff_defers_and_releases_the_claim() -> None:

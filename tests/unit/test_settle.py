@@ -83,3 +83,46 @@ async def test_a_failed_publish_still_waits_for_the_record_then_requeues() -> No
     assert not await settle(message, outcome(remember), publisher)  # type: ignore[arg-type]
     assert done == ["remembered"]
     assert message.settled == ["nack requeue=True"]
+
+
+class OpenChannel:
+    is_closed = False
+
+
+class LiveMessage(FakeMessage):
+    """A delivery whose own channel is still open (the consumer's channel was restored)."""
+
+    _IncomingMessage__channel = OpenChannel()  # where aio-pika keeps it
+
+
+class FlakyPublisher:
+    """Raises a connection error ``failures`` times (the publishing channel not restored yet)."""
+
+    def __init__(self, failures: int) -> None:
+        self.failures, self.calls = failures, 0
+
+    async def publish(self, outcome: Outcome, message: Any) -> None:
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise ChannelInvalidStateError("the publishing channel is closed")
+
+
+async def test_a_publish_that_fails_while_the_delivery_is_alive_is_held_and_retried() -> None:
+    """After a broker restart the consumer's channel may be back before the publisher's: the
+    delivery is held and the publish retried, not requeued at once (which would burn through the
+    queue's delivery limit in milliseconds)."""
+    message = LiveMessage()
+    publisher: Any = FlakyPublisher(failures=3)
+    assert await settle(message, outcome(None), publisher)  # type: ignore[arg-type]
+    assert publisher.calls == 4
+    assert message.settled == ["ack"]
+
+
+async def test_a_publish_held_too_long_returns_the_delivery(monkeypatch: Any) -> None:
+    """The hold is bounded: past it, the delivery goes back to its queue."""
+    monkeypatch.setattr("worker.app.settle.HOLD_TOTAL_S", 0.2)
+    message = LiveMessage()
+    publisher: Any = FlakyPublisher(failures=1000)
+    assert not await settle(message, outcome(None), publisher)  # type: ignore[arg-type]
+    assert 3 <= publisher.calls < 20
+    assert message.settled == ["nack requeue=True"]

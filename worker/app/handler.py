@@ -26,7 +26,7 @@ from aio_pika.abc import AbstractIncomingMessage
 
 from worker.app.settle import Sends, delivery_of, quietly, settle
 from worker.observability.observe import Observer, Watch
-from worker.pipeline.process import Pipeline
+from worker.pipeline.process import DeliveryGone, Pipeline
 
 log = logging.getLogger("worker.app.handler")
 
@@ -41,6 +41,7 @@ class CommandHandler:
     routed: bool = False  # deliveries come from partitions, through the intake
     completed: int = 0
     held: int = 0
+    abandoned: int = 0  # deliveries whose channel closed before their turn (redelivered)
     _inflight: set[asyncio.Task[Any]] = field(default_factory=set)
     _holding: bool = False
 
@@ -72,6 +73,10 @@ class CommandHandler:
             outcome = await self.pipeline.process(delivery, remember_later=True)
         except asyncio.CancelledError:
             raise
+        except DeliveryGone as gone:  # returned by the broker already: nothing to settle
+            log.info("not carrying out %s: its delivery's channel closed", gone)
+            self.abandoned += 1
+            return
         except Exception as exc:
             log.exception("processing crashed; rejecting the delivery back to the queue")
             self.observer.crashed(watch, exc)

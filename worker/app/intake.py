@@ -20,8 +20,10 @@ otherwise, and ``cw-publisher`` is the AMQP ``user_id`` that the broker validate
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -32,8 +34,10 @@ from worker.app.settle import (
     H_PUBLISHER,
     RETRY_PREFIX,
     carried_options,
+    delivery_alive,
     from_our_delay,
     original_routing_key,
+    publish_holding,
     quietly,
 )
 from worker.app.topology import PARTITION_KEY_HEADER
@@ -94,24 +98,56 @@ def routed_options(message: AbstractIncomingMessage, key: str) -> dict[str, Any]
     return options
 
 
+class OutOfOrder(Exception):
+    """An earlier command of the same target could not be routed: this one must not overtake it."""
+
+
 @dataclass(slots=True)
 class Intake:
-    """Routes each intake delivery to its partition; acks after the confirm, else requeues."""
+    """Routes each intake delivery to its partition; acks after the confirm, else requeues.
+
+    Deliveries are routed concurrently, but one target's commands in arrival order: each waits
+    for the publish of the target's previous command, and when that one failed (it goes back to
+    the intake) it goes back too, so a retried command never lands behind a newer one.
+    """
 
     partitions: RabbitPublisher
     routed: int = 0
     holding: bool = False  # stopping: what arrives waits for the next intake consumer
+    _tails: dict[str, asyncio.Future[bool]] = field(default_factory=dict)
 
     async def handle(self, message: AbstractIncomingMessage) -> None:
         """Route one delivery (or, stopping, leave it for the connection's close to return)."""
         if self.holding:
             return
         key = partition_key(message.body, fallback=message.message_id or "")
+        previous = self._tails.get(key)
+        mine: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._tails[key] = mine
+        routed = False  # also when cancelled: the target's next command must not overtake it
         try:
-            await self.partitions.publish(message.body, **routed_options(message, key))
+            routed = await self._route(message, key, previous)
+        finally:
+            mine.set_result(routed)
+            if self._tails.get(key) is mine:
+                del self._tails[key]
+        if routed:
+            await quietly(message.ack())
+            self.routed += 1
+
+    async def _route(
+        self, message: AbstractIncomingMessage, key: str, previous: asyncio.Future[bool] | None
+    ) -> bool:
+        """Publish to the partition after the target's previous command; False: requeued."""
+        send = partial(self.partitions.publish, message.body, **routed_options(message, key))
+        try:
+            if previous is not None and not await asyncio.shield(previous):
+                raise OutOfOrder("the target's previous command was requeued")
+            if not delivery_alive(message):  # the broker redelivers it: a stale copy must not go
+                raise OutOfOrder("the delivery's channel closed before its turn")
+            await publish_holding(send, message)
         except Exception as exc:  # unroutable, nacked by the broker, the connection gone
             log.error("could not route a command to its partition; requeued: %r", exc)
             await quietly(message.nack(requeue=True))
-            return
-        await quietly(message.ack())
-        self.routed += 1
+            return False
+        return True

@@ -18,9 +18,10 @@ import asyncio
 import logging
 import math
 import uuid
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 from typing import TYPE_CHECKING, Any, Protocol
 
 from aio_pika.abc import AbstractIncomingMessage
@@ -89,19 +90,21 @@ def delivery_of(message: AbstractIncomingMessage, routed: bool = False) -> Deliv
     ``routed``: the message came from a partition, through the intake (worker.app.intake).
     """
     user_id = publisher_of(message, routed)
+    alive = partial(delivery_alive, message)
     if not _from_our_delay(message, routed):
-        return Delivery(message.body, user_id=user_id)
+        return Delivery(message.body, user_id=user_id, alive=alive)
     headers = message.headers or {}
     attempts = _number(headers.get(H_ATTEMPTS))
     if attempts is None:
-        return Delivery(message.body, user_id=user_id)
+        return Delivery(message.body, user_id=user_id, alive=alive)
     retry = RetryState(
         attempts=max(int(attempts), 0),
         budget_used_s=max(_number(headers.get(H_BUDGET_USED)) or 0.0, 0.0),
         first_failure_at=_number(headers.get(H_FIRST_FAILURE)),
         probes=max(int(_number(headers.get(H_PROBES)) or 0), 0),
     )
-    return Delivery(message.body, retry, _number(headers.get(H_NOT_BEFORE)), user_id=user_id)
+    not_before = _number(headers.get(H_NOT_BEFORE))
+    return Delivery(message.body, retry, not_before, user_id=user_id, alive=alive)
 
 
 def original_routing_key(message: AbstractIncomingMessage) -> str:
@@ -258,7 +261,7 @@ async def settle(message: AbstractIncomingMessage, outcome: Outcome, publisher: 
     remembering = None if outcome.remember is None else asyncio.ensure_future(outcome.remember())
     failure: BaseException | None = None
     try:
-        await publisher.publish(outcome, message)
+        await publish_holding(partial(publisher.publish, outcome, message), message)
     except CONNECTION_EXCEPTIONS as exc:
         failure = exc
     except BaseException:
@@ -287,6 +290,53 @@ async def _remembered(remembering: asyncio.Future[None], outcome: Outcome) -> bo
         log.exception("could not record %s in the dedup store", outcome.event.get("command_id"))
         return False
     return True
+
+
+HOLD_FIRST_S, HOLD_MAX_S, HOLD_TOTAL_S = 0.05, 1.0, 15.0
+
+
+def _channel_closed(message: AbstractIncomingMessage) -> bool | None:
+    """Whether the channel ``message`` came on is closed; None for a stand-in without one.
+
+    aio-pika's ``IncomingMessage.channel`` raises once the channel is closed, so its own
+    attribute is read (a test broker's message carries a mock there: unknown)."""
+    channel = getattr(message, "_IncomingMessage__channel", None)
+    closed = getattr(channel, "is_closed", None)
+    return closed if isinstance(closed, bool) else None
+
+
+def delivery_gone(message: AbstractIncomingMessage) -> bool:
+    """The delivery cannot be settled any more (unknown counts as gone: never held for)."""
+    return _channel_closed(message) is not False
+
+
+def delivery_alive(message: AbstractIncomingMessage) -> bool:
+    """The delivery can still be settled (unknown counts as alive: carried out)."""
+    return _channel_closed(message) is not True
+
+
+async def publish_holding(
+    send: Callable[[], Awaitable[Any]], message: AbstractIncomingMessage
+) -> None:
+    """``send()``; while the broker connection is being restored, hold ``message`` and try again.
+
+    After a broker restart the consumers' channels can be back before the publishers' one: a
+    delivery returned to its queue at once would come straight back, fail again, and reach the
+    queue's delivery limit within milliseconds (dead-lettered by the broker with no result).  So
+    the delivery is held, with backoff, for up to ``HOLD_TOTAL_S``; the last connection error is
+    raised once its own channel is gone (the broker redelivers it) or the hold is over.
+    """
+    wait, held = HOLD_FIRST_S, 0.0
+    while True:
+        try:
+            await send()
+            return
+        except CONNECTION_EXCEPTIONS:
+            if held >= HOLD_TOTAL_S or delivery_gone(message):
+                raise
+        await asyncio.sleep(wait)
+        held += wait
+        wait = min(wait * 2, HOLD_MAX_S)
 
 
 async def quietly(settling: Awaitable[Any]) -> None:

@@ -58,6 +58,14 @@ class Delivery:
     retry: RetryState = field(default_factory=RetryState)
     not_before: float | None = None  # epoch seconds; set on a deferred command
     user_id: str | None = None  # the publisher, as RabbitMQ verified it (AMQP user_id)
+    # Whether the delivery can still be settled; False once its channel is gone (the broker has
+    # returned it, and the copy it redelivers is the one to carry out).
+    alive: Callable[[], bool] = field(default=lambda: True)
+
+
+class DeliveryGone(Exception):
+    """The delivery's channel closed while it waited for its target's turn: it is not carried
+    out here (the broker redelivers it, in order, to whoever consumes now)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +143,8 @@ class Pipeline:
         if wait > 0.25:
             return _deferred(delivery.retry, wait, command)
         async with self.sequencer.turn(target_of(command)):
+            if not delivery.alive():  # else a stale copy could land after its redelivered self
+                raise DeliveryGone(command.command_id)
             outcome = await self._carry_out(command, delivery.retry, received_at)
         if outcome.remember is not None and not remember_later:
             await outcome.remember()
