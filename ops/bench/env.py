@@ -34,6 +34,7 @@ def worker_env(
             "CW_RESULTS_EXCHANGE": settings.results_exchange,
             "CW_DEAD_EXCHANGE": settings.dead_exchange,
             "CW_DEAD_QUEUE": settings.dead_queue,
+            "CW_PARTITIONS": str(settings.partitions),
             "CW_VINIX_BASE_URL": sandbox.base_url,
             "CW_VINIX_API_KEY": fx["vinix"]["api_key"],
             "CW_TELNYX_BASE_URL": sandbox.base_url,

@@ -28,7 +28,7 @@ from tests.integration.conftest import (
     REDIS_URL,
     Admin,
     Processes,
-    settled_counts,
+    settled_command_counts,
     worker_env,
     worker_settings,
 )
@@ -152,22 +152,26 @@ class Run:
         return sum(n - 1 for n in done.values() if n > 1)
 
     async def settled(self, timeout_s: float = 120.0) -> tuple[int, int]:
-        """Wait until the work queue is empty and nothing is unacknowledged.
+        """Wait until the command queues (intake, partitions) are empty, nothing unacknowledged.
 
         After a broker restart, deliveries whose acks were lost come back and are answered again
         (as duplicates) after every command already has its result, so the queue is watched.
         """
         deadline = asyncio.get_running_loop().time() + timeout_s
         while True:
-            counts = await settled_counts(self.settings.commands_queue)  # a fresh snapshot
+            counts = await settled_command_counts(self.settings)  # a fresh snapshot
             await self.drain_results()
             if counts == (0, 0) or asyncio.get_running_loop().time() > deadline:
                 return counts
 
-    async def check(self, admin: Admin, *, all_succeed: bool = True) -> None:
+    async def check(
+        self, admin: Admin, *, all_succeed: bool = True, superseded_ok: bool = False
+    ) -> None:
         """Every promise of the service, asserted; the figures recorded for the summary.
 
-        Without provider faults (``all_succeed``) every command must end ``succeeded``.
+        Without provider faults (``all_succeed``) every command must end ``succeeded``; with
+        ``superseded_ok`` a command may instead end ``rejected``/``superseded`` when a newer
+        command of its target was applied first (never applied after it).
         """
         left = await self.settled()
         ids = [c["command_id"] for c in self.commands]
@@ -189,13 +193,35 @@ class Run:
         assert not lost, f"{len(lost)} commands without a result, e.g. {lost[:3]}"
         statuses = Counter(self.final_status(i) for i in ids)
         if all_succeed:
-            assert statuses == {"succeeded": len(ids)}, statuses
+            odd = [
+                (i, self.final_status(i), (self.events[i][-1].get("error") or {}).get("code"))
+                for i in ids
+                if self.final_status(i) != "succeeded"
+            ]
+            if superseded_ok:
+                odd = [o for o in odd if o[1:] != ("rejected", "superseded")]
+                assert not odd, (statuses, odd[:3])
+                self.assert_superseded_by_newer()
+            else:
+                assert statuses == {"succeeded": len(ids)}, (statuses, odd[:3])
         else:  # provider faults may exhaust a budget; nothing may be rejected or superseded
             assert set(statuses) <= {"succeeded", "failed"}, statuses
         assert set(dead) == failures
         assert repeats <= self.repeat_bound
         assert await self.final_state_is_intended()
         assert left == (0, 0), f"ready, unacknowledged left on the work queue: {left}"
+
+    def assert_superseded_by_newer(self) -> None:
+        """Each superseded command has a newer command of its target that succeeded."""
+        newest: dict[tuple[str, ...], str] = {}
+        for command in self.commands:
+            if self.final_status(command["command_id"]) == "succeeded":
+                key = (command["conference_id"], command.get("call_control_id", ""))
+                newest[key] = max(newest.get(key, ""), command["issued_at"])
+        for command in self.commands:
+            if self.final_status(command["command_id"]) == "rejected":
+                key = (command["conference_id"], command.get("call_control_id", ""))
+                assert newest.get(key, "") > command["issued_at"], command
 
     async def final_state_is_intended(self) -> bool:
         intended: dict[tuple[str, ...], dict[str, Any]] = {}

@@ -24,9 +24,18 @@ import pytest
 from redis.asyncio import Redis
 from redis.asyncio.connection import SSLConnection, UnixDomainSocketConnection
 
+from tests.integration.conftest import (
+    Admin,
+    Broker,
+    Processes,
+    settled_command_counts,
+    worker_env,
+)
+from tests.integration.replicas import OrderRun, Replicas, assert_order_held
 from worker.dedup import Applied, Claimed, Done, make_dedup_store
 from worker.dedup.redis import RedisDedupStore
 from worker.errors import StoreUnavailable
+from worker.sandbox import Sandbox
 from worker.settings import DedupConfig
 
 pytestmark = [
@@ -365,3 +374,44 @@ def test_tls_and_unix_urls_are_read() -> None:
     assert pool.connection_class is UnixDomainSocketConnection
     assert (pool.connection_kwargs["path"], pool.connection_kwargs["db"]) == ("/run/r.sock", 1)
     assert unix._batch._timeout_s == 0.5
+
+
+@pytest.mark.timeout(300)
+async def test_replicas_ride_out_a_failover_of_the_primary(
+    servers: Servers,
+    *,
+    prefix: str,
+    sandbox: Sandbox,
+    admin: Admin,
+    broker: Broker,
+    processes: Processes,
+) -> None:
+    """Three worker replicas dedup through Sentinel; the primary is SIGKILLed mid-run: every
+    command gets its result and succeeds, per-target order holds, and no command reaches the
+    provider twice beyond what was in flight (one prefetch window)."""
+    await _replicating(servers)
+    prefetch = 32
+    env = worker_env(prefix, sandbox, dedup_url=_sentinel_url(servers), prefetch=prefetch)
+    group = Replicas(processes, env, broker.settings)
+    for _ in range(3):
+        group.spawn()
+    await group.wait_consuming()
+    await admin.fault(provider="telnyx", latency_ms=10)
+    run = OrderRun(broker.settings, broker.results)
+    calls = sandbox.fixtures["telnyx"]["calls_by_conference"]
+    run.make([(conf, call) for conf, ids in calls.items() for call in ids], per_target=800)
+    await run.publish(broker.channel)
+    await asyncio.sleep(1.0)
+    await run.drain()
+    before = len(run.events)
+    assert 0 < before < len(run.commands), "the run was not under way at the kill"
+    servers.procs["primary"].kill()
+    servers.procs["primary"].wait(timeout=5)
+    await run.collect(timeout_s=200)
+    assert not run.lost()
+    assert {events[-1]["status"] for events in run.events.values()} == {"succeeded"}
+    order, unnamed = await run.applied_order(admin)
+    assert unnamed <= prefetch
+    assert_order_held(order, run.newest())
+    assert await settled_command_counts(broker.settings) == (0, 0)
+    print(f"\nsentinel failover: {before} results before the kill, {unnamed} repeated requests")
