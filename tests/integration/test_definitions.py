@@ -24,7 +24,7 @@ import aio_pika
 import pytest
 
 from worker.app import topology
-from worker.settings import Topology
+from worker.settings import Settings, Topology
 
 pytestmark = pytest.mark.integration
 
@@ -99,7 +99,8 @@ def import_definitions(document: Any, expected_queues: set[str]) -> None:
 @pytest.fixture
 async def imported(prefix: str) -> AsyncIterator[tuple[Topology, dict[str, Any]]]:
     """The prefixed copy of definitions.json, imported; removed (with its policy) afterwards."""
-    default = Topology()
+    default = Settings().topology()  # the definitions hold the default, partitioned topology
+    assert default.partitioned
     mine = dataclasses.replace(
         default,
         commands_exchange=f"{prefix}.commands",
@@ -118,12 +119,19 @@ async def imported(prefix: str) -> AsyncIterator[tuple[Topology, dict[str, Any]]
             "dead_queue",
         )
     }
-    # The delay tiers are named after the command queue: renamed too, or the import would
-    # create (and leave behind) the default-named ones.
+    # The intake, the partitions exchange, the partitions and the delay tiers are named after
+    # the command queue: renamed too, or the import would create (and leave behind) the
+    # default-named ones.
+    names |= {
+        default.intake_queue: mine.intake_queue,
+        default.partitions_exchange: mine.partitions_exchange,
+    }
+    names |= dict(zip(default.partition_queues(), mine.partition_queues(), strict=True))
     names |= {default.delay_queue(s): mine.delay_queue(s) for s in default.delay_tiers_s}
     copy = prefixed_copy(json.loads(DEFINITIONS.read_text()), names, prefix)
     try:
-        await asyncio.to_thread(import_definitions, copy, {mine.commands_queue, mine.dead_queue})
+        expected = {mine.intake_queue, *mine.partition_queues(), mine.dead_queue}
+        await asyncio.to_thread(import_definitions, copy, expected)
         yield mine, copy
     finally:
         connection = await aio_pika.connect(AMQP_URL)
@@ -136,13 +144,19 @@ async def imported(prefix: str) -> AsyncIterator[tuple[Topology, dict[str, Any]]
 def test_prefixed_copy_renames_every_object_and_pattern() -> None:
     """The copy keeps the topology and renames queues, exchanges, bindings, arguments, policies."""
     definitions = json.loads(DEFINITIONS.read_text())
-    names = {"conference-worker.commands": "p.worker.commands", "conference.dead": "p.dead"}
+    names = {
+        "conference-worker.commands": "p.worker.commands",
+        "conference-worker.commands.intake": "p.worker.commands.intake",
+        "conference-worker.commands.p00": "p.worker.commands.p00",
+        "conference.dead": "p.dead",
+    }
     copy = prefixed_copy(definitions, names, "p")
     assert set(copy) == set(TOPOLOGY_KEYS)
     queues = {queue["name"]: queue["arguments"] for queue in copy["queues"]}
-    assert queues["p.worker.commands"]["x-dead-letter-exchange"] == "p.dead"
+    assert queues["p.worker.commands.intake"]["x-dead-letter-exchange"] == "p.dead"
+    assert queues["p.worker.commands.p00"]["x-dead-letter-exchange"] == "p.dead"
     (policy,) = copy["policies"]
-    assert policy["pattern"] == r"^p\.worker\.commands$"
+    assert policy["pattern"] == r"^p\.worker\.commands\.(intake|p\d+)$"
     assert policy["definition"]["dead-letter-exchange"] == "p.dead"
 
 
@@ -153,16 +167,18 @@ async def test_worker_declares_over_the_imported_definitions(
     mine, copy = imported
     (policy,) = copy["policies"]
     applied = await asyncio.to_thread(queue_policies)
-    assert applied[mine.commands_queue] == policy["name"]
+    for name in (mine.intake_queue, *mine.partition_queues()):
+        assert applied[name] == policy["name"], name
     assert applied[mine.dead_queue] == ""  # the policy never reaches the dead-letter queue
+    assert applied[mine.delay_queue(5)] == ""
 
     connection = await aio_pika.connect(AMQP_URL)
     async with connection:
         declared = await topology.declare(await connection.channel(), mine)
-        assert declared.commands.name == mine.commands_queue
+        assert declared.commands.name == mine.intake_queue
         # The same check fails when an argument differs: the broker does compare them.
-        arguments = topology.command_queue_arguments(mine)
+        arguments = topology.partitioned_queue_arguments(mine)
         arguments["x-delivery-limit"] = mine.delivery_limit + 1
         channel = await connection.channel()
         with pytest.raises(aio_pika.exceptions.ChannelPreconditionFailed):
-            await channel.declare_queue(mine.commands_queue, durable=True, arguments=arguments)
+            await channel.declare_queue(mine.partition_queue(3), durable=True, arguments=arguments)

@@ -26,9 +26,13 @@ import pytest
 import yaml
 from compose_spec import PyCompose
 
-from worker.app.topology import command_queue_arguments, dead_queue_arguments
+from worker.app.topology import (
+    command_queue_arguments,
+    dead_queue_arguments,
+    partitioned_queue_arguments,
+)
 from worker.sandbox.fixtures import Fixtures
-from worker.settings import Topology
+from worker.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 OPS = ROOT / "ops"
@@ -236,11 +240,13 @@ def test_worker_waits_for_healthy_broker_store_and_sandbox() -> None:
 
 
 def test_compose_worker_runs_against_the_local_stack() -> None:
-    """Two replicas share Redis, use the sandbox's fixed keys and get time to drain on stop."""
+    """Three replicas on the 16 partitions share Redis, use the sandbox's fixed keys and get time
+    to drain on stop."""
     worker = _services()["worker"]
     env = worker["environment"]
     fixtures = Fixtures.generate(1)
-    assert worker["deploy"]["replicas"] == 2
+    assert worker["deploy"]["replicas"] == 3
+    assert env["CW_PARTITIONS"] == str(Settings().partitions) == "16"
     assert worker["command"] == ["run", "--grace-s", str(GRACE_S)]
     assert int(worker["stop_grace_period"].removesuffix("s")) > GRACE_S
     assert env["CW_AMQP_URL"].startswith("amqp://guest:guest@rabbitmq:5672/")
@@ -289,7 +295,12 @@ def test_rabbitmq_imports_the_definitions_at_boot_with_its_plugins() -> None:
     match = re.fullmatch(r"\[([a-z_,\s]*)\]\.", plugins_file)
     assert match, plugins_file
     plugins = {plugin.strip() for plugin in match[1].split(",")}
-    assert plugins >= {"rabbitmq_management", "rabbitmq_prometheus"}
+    # The partitioned topology's partitions exchange is an x-consistent-hash exchange.
+    assert plugins >= {
+        "rabbitmq_management",
+        "rabbitmq_prometheus",
+        "rabbitmq_consistent_hash_exchange",
+    }
     assert conf["prometheus.tcp.port"] == "15692"
 
 
@@ -321,19 +332,23 @@ def test_definitions_hold_topology_only() -> None:
 
 
 def test_policies_only_restate_what_the_worker_declares() -> None:
-    """Each policy matches the command queue alone and agrees with its x-arguments."""
-    topology = Topology()
+    """Each policy matches the intake and the partitions alone and agrees with their
+    x-arguments (the definitions hold the default, partitioned topology)."""
+    topology = Settings().topology()
     definitions = json.loads(DEFINITIONS.read_text())
     queues = {queue["name"]: queue["arguments"] for queue in definitions["queues"]}
-    assert queues[topology.commands_queue] == command_queue_arguments(topology)
+    work = [topology.intake_queue, *topology.partition_queues()]
+    for name in work:
+        assert queues[name] == partitioned_queue_arguments(topology), name
     assert queues[topology.dead_queue] == dead_queue_arguments()
     assert definitions["policies"], "definitions.json ships the operators' default policy"
     for policy in definitions["policies"]:
         pattern = re.compile(policy["pattern"])
         assert policy["apply-to"] == "queues"
-        assert pattern.search(topology.commands_queue)
-        # Never the dead-letter queue (a DLX there would loop), nor the worker's own queues.
-        for other in (topology.dead_queue, f"{topology.commands_queue}.delay.5s", "x"):
+        assert all(pattern.search(name) for name in work)
+        # Never the dead-letter queue (a DLX there would loop), nor the delay tiers.
+        others = (topology.dead_queue, topology.delay_queue(5), f"{topology.intake_queue}x", "x")
+        for other in others:
             assert not pattern.search(other), f"{policy['name']} matches {other}"
         declared = command_queue_arguments(topology)
         for key, value in policy["definition"].items():
@@ -472,7 +487,13 @@ def test_deployment_reads_its_settings_from_the_configmap_and_secret() -> None:
     }
     config = _k8s_object("ConfigMap", sources["configMapRef"])["data"]
     secret = _k8s_object("Secret", sources["secretRef"])
-    secret_keys = {"CW_AMQP_URL", "CW_DEDUP_URL", "CW_VINIX_API_KEY", "CW_TELNYX_API_KEY"}
+    secret_keys = {
+        "CW_AMQP_URL",
+        "CW_DEDUP_URL",
+        "CW_VINIX_API_KEY",
+        "CW_TELNYX_API_KEY",
+        "CW_RABBITMQ_MANAGEMENT_URL",  # KEDA's, not the worker's (keda.yaml)
+    }
     assert set(secret["stringData"]) == secret_keys
     assert not secret_keys & set(config)
     assert all("CHANGE-ME" in value for value in secret["stringData"].values())
@@ -480,6 +501,7 @@ def test_deployment_reads_its_settings_from_the_configmap_and_secret() -> None:
     # With a base URL unset the worker would start its built-in sandbox.
     assert config["CW_VINIX_BASE_URL"].startswith("https://")
     assert config["CW_TELNYX_BASE_URL"].startswith("https://")
+    assert int(config["CW_PARTITIONS"]) == Settings().partitions
 
 
 def test_pod_disruption_budget_keeps_one_worker() -> None:
@@ -607,8 +629,9 @@ TRIGGER_AUTHENTICATION_SCHEMA: dict[str, Any] = {
 }
 
 
-def test_keda_scaled_object_scales_the_deployment_on_the_command_queue() -> None:
-    """ScaledObject: rabbitmq trigger, QueueLength of the command queue, credentials by Secret."""
+def test_keda_scaled_object_scales_the_deployment_on_the_command_queues() -> None:
+    """ScaledObject: rabbitmq trigger over the management API, QueueLength summed over the intake
+    and every partition (a regex), credentials by Secret, at most one replica per partition."""
     scaled = _k8s_object("ScaledObject")
     jsonschema.validate(scaled, SCALED_OBJECT_SCHEMA)
     deployment = _k8s_object("Deployment")
@@ -619,14 +642,25 @@ def test_keda_scaled_object_scales_the_deployment_on_the_command_queue() -> None
         "name": deployment["metadata"]["name"],
     }
     pdb = _k8s_object("PodDisruptionBudget")
+    topology = Settings().topology()
+    config = _k8s_object("ConfigMap")["data"]
     assert spec["minReplicaCount"] > pdb["spec"]["minAvailable"]
-    assert spec["maxReplicaCount"] >= spec["minReplicaCount"]
+    # Replicas beyond P (+1 for the intake, shared with a partition) would only stand by.
+    assert spec["minReplicaCount"] <= spec["maxReplicaCount"] <= int(config["CW_PARTITIONS"])
     (trigger,) = spec["triggers"]
     assert trigger["type"] == "rabbitmq"
     metadata = trigger["metadata"]
-    assert metadata["queueName"] == Topology().commands_queue
+    # A queue-name regex needs the management API (KEDA: useRegex only with protocol http).
+    assert metadata["protocol"] == "http"
+    assert metadata["useRegex"] == "true"
+    assert metadata["operation"] == "sum"
+    pattern = re.compile(metadata["queueName"])
+    for name in (topology.intake_queue, *topology.partition_queues(), topology.partition_queue(99)):
+        assert pattern.fullmatch(name), name
+    delays = [topology.delay_queue(seconds) for seconds in topology.delay_tiers_s]
+    for name in (topology.dead_queue, topology.commands_queue, *delays):
+        assert not pattern.fullmatch(name), name
     assert metadata["mode"] == "QueueLength"
-    assert metadata["protocol"] in {"amqp", "http", "auto"}
     assert float(metadata["value"]) > 0
     assert "host" not in metadata  # never a URL with a password in a manifest
 
@@ -635,7 +669,7 @@ def test_keda_scaled_object_scales_the_deployment_on_the_command_queue() -> None
     (ref,) = auth["spec"]["secretTargetRef"]
     secret = _k8s_object("Secret", ref["name"])
     assert ref["parameter"] == "host"
-    assert ref["key"] in secret["stringData"]
+    assert secret["stringData"][ref["key"]].startswith(("http://", "https://"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -678,7 +712,10 @@ def test_the_required_alerts_exist() -> None:
     assert uses("ConferenceWorkerBreakerOpen", "conference_worker_breaker_state", "2m")
     assert rules["ConferenceWorkerBreakerOpen"]["expr"].endswith("== 2")
     assert uses("ConferenceWorkerNoConsumers", "rabbitmq_detailed_queue_consumers", "2m")
-    assert 'queue="conference-worker.commands"' in rules["ConferenceWorkerNoConsumers"]["expr"]
+    no_consumers = rules["ConferenceWorkerNoConsumers"]["expr"]
+    assert "min by (queue)" in no_consumers  # one partition without a consumer is enough
+    assert 'queue="conference-worker.commands.intake"' in no_consumers
+    assert 'queue=~"conference-worker[.]commands[.](intake|p[0-9]+)"' in no_consumers
     assert uses(
         "ConferenceWorkerCommandsTooOld", "conference_worker_command_age_seconds_bucket", "5m"
     )
@@ -715,6 +752,13 @@ def test_dashboard_is_a_grafana_dashboard_with_queries() -> None:
     variables = {variable["name"]: variable for variable in dashboard["templating"]["list"]}
     assert variables["datasource"]["type"] == "datasource"
     assert variables["datasource"]["query"] == "prometheus"
+    # The command-queue panels match every command queue, partitioned (default) or not.
+    commands = re.compile(variables["commands_queue"]["query"])
+    topology = Settings().topology()
+    for name in (topology.intake_queue, *topology.partition_queues(), topology.commands_queue):
+        assert commands.fullmatch(name), name
+    for name in (topology.dead_queue, topology.delay_queue(5)):
+        assert not commands.fullmatch(name), name
     panels = dashboard["panels"]
     ids = [panel["id"] for panel in panels]
     assert len(ids) == len(set(ids))

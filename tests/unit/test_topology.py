@@ -1,5 +1,5 @@
-"""The topology the worker declares: the single-queue layout (also the shipped RabbitMQ
-definitions) and the partitioned one (intake, consistent-hash exchange, partitions)."""
+"""The topology the worker declares: the single-queue layout and the partitioned one (intake,
+consistent-hash exchange, partitions), which the shipped RabbitMQ definitions hold at P = 16."""
 
 from __future__ import annotations
 
@@ -29,26 +29,33 @@ DEFINITIONS = Path(__file__).resolve().parents[2] / "ops" / "rabbitmq" / "defini
 
 
 def test_definitions_match_the_worker_declarations() -> None:
-    """Same queue arguments and bindings, so RabbitMQ never answers PRECONDITION_FAILED.
+    """Same queues, arguments, exchanges and bindings as the worker declares by default
+    (``CW_PARTITIONS=16``), so RabbitMQ never answers PRECONDITION_FAILED."""
+    from worker.settings import Settings
 
-    The definitions file ships the single-queue layout (``CW_PARTITIONS=0``)."""
-    topology = Topology(partitions=0)
+    topology = Settings().topology()
+    assert topology.partitions == 16
     definitions = json.loads(DEFINITIONS.read_text())
     queues = {queue["name"]: queue["arguments"] for queue in definitions["queues"]}
-    assert queues[topology.commands_queue] == command_queue_arguments(topology)
+    sac = partitioned_queue_arguments(topology)
+    assert queues[topology.intake_queue] == sac
+    for name in topology.partition_queues():
+        assert queues[name] == sac
     assert queues[topology.dead_queue] == dead_queue_arguments()
     for seconds in topology.delay_tiers_s:
         assert queues[topology.delay_queue(seconds)] == delay_queue_arguments(topology, seconds)
-    assert len(queues) == 2 + len(topology.delay_tiers_s)
-    exchanges = {exchange["name"]: exchange["type"] for exchange in definitions["exchanges"]}
+    assert len(queues) == 2 + topology.partitions + len(topology.delay_tiers_s)
+    exchanges = {x["name"]: (x["type"], x["arguments"]) for x in definitions["exchanges"]}
     assert exchanges == {
-        topology.commands_exchange: "topic",
-        topology.results_exchange: "topic",
-        topology.dead_exchange: "topic",
+        topology.commands_exchange: ("topic", {}),
+        topology.results_exchange: ("topic", {}),
+        topology.dead_exchange: ("topic", {}),
+        topology.partitions_exchange: ("x-consistent-hash", {"hash-header": PARTITION_KEY_HEADER}),
     }
     bindings = {(b["source"], b["destination"], b["routing_key"]) for b in definitions["bindings"]}
     assert bindings == {
-        (topology.commands_exchange, topology.commands_queue, COMMAND_BINDING),
+        (topology.commands_exchange, topology.intake_queue, COMMAND_BINDING),
+        *[(topology.partitions_exchange, q, PARTITION_WEIGHT) for q in topology.partition_queues()],
         (topology.dead_exchange, topology.dead_queue, DEAD_BINDING),
     }
 
