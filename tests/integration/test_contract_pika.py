@@ -21,6 +21,7 @@ from tests.integration.conftest import (
     Bus,
     WorkerFactory,
     settled_command_counts,
+    take,
 )
 
 pytestmark = pytest.mark.integration
@@ -288,3 +289,29 @@ async def test_concurrent_duplicates_call_the_provider_once(
     assert sorted(e["duplicate"] for e in events) == [False, True]
     calls = [r for r in await admin.requests() if r["provider"] == "telnyx"]
     assert len(calls) == 1
+
+
+async def test_a_command_without_correlation_id_gets_its_command_id_back(
+    worker_factory: WorkerFactory, fixtures: dict[str, Any], admin: Admin
+) -> None:
+    """CONTRACT: the result's ``correlation_id`` is the command's, else its ``command_id``; also
+    after the intake routed it to a partition and after a retry through a delay tier, and the
+    dead letter of one that failed carries none it did not have."""
+    conference = fixtures["telnyx"]["conference_ids"][1]
+    await admin.fault(
+        provider="telnyx", status=503, count=1, path_prefix=f"/v2/conferences/{conference}/"
+    )
+    plain, retried = role(fixtures), role(fixtures, conf=1)
+    rejected = role(fixtures, call_control_id="v3:none")
+    async with worker_factory() as (_, bus):
+        assert bus.settings.partitions > 0
+        for body in (plain, retried, rejected):
+            await bus.publish(body)
+        results = await take(bus.results, 3, 30.0)
+        letters = await bus.dead_letters(1)
+    by_id = {orjson.loads(m.body)["command_id"]: m for m in results}
+    assert {k: m.correlation_id for k, m in by_id.items()} == {k: k for k in by_id}
+    assert orjson.loads(by_id[retried["command_id"]].body)["attempts"] == 2
+    assert set(by_id) == {plain["command_id"], retried["command_id"], rejected["command_id"]}
+    assert letters[0].correlation_id is None
+    assert letters[0].timestamp is None

@@ -11,6 +11,7 @@ import asyncio
 from datetime import UTC, datetime
 from typing import Any
 
+import aio_pika
 import orjson
 import pytest
 
@@ -352,12 +353,14 @@ class FakePartitions:
     def __init__(self, log: list[str], error: Exception | None = None) -> None:
         self.log, self.error = log, error
         self.published: list[tuple[bytes, dict[str, Any]]] = []
+        self.messages: list[aio_pika.Message] = []
 
-    async def publish(self, body: bytes, **options: Any) -> None:
+    async def publish(self, message: aio_pika.Message, **arguments: Any) -> None:
         await asyncio.sleep(0)
         if self.error is not None:
             raise self.error
-        self.published.append((body, options))
+        self.messages.append(message)
+        self.published.append((message.body, {"headers": message.headers, **arguments}))
         self.log.append("published")
 
 
@@ -392,6 +395,20 @@ async def test_the_intake_acks_after_the_publish() -> None:
     assert options["routing_key"] == "conference.update"
 
 
+async def test_the_intake_invents_no_properties() -> None:
+    """The command goes on with its own properties, persistent: one without a correlation_id
+    (or timestamp) gets none on the way (its result then echoes its command_id, CONTRACT.md)."""
+    partitions = FakePartitions([])
+    intake = Intake(partitions)  # type: ignore[arg-type]
+    await intake.handle(Message(orjson.dumps(ROLE), message_id="m-1"))  # type: ignore[arg-type]
+    await intake.handle(Message(orjson.dumps(UPDATE), correlation_id="corr-2"))  # type: ignore[arg-type]
+    bare, correlated = partitions.messages
+    assert (bare.correlation_id, bare.timestamp, bare.message_id) == (None, None, "m-1")
+    assert bare.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
+    assert correlated.correlation_id == "corr-2"
+    assert partitions.published[0][1]["mandatory"] is True
+
+
 async def test_an_unreadable_command_is_keyed_by_its_message_id() -> None:
     """The intake decides nothing: a body that names no target goes on, keyed by message_id."""
     log: list[str] = []
@@ -422,12 +439,12 @@ class FailFirst:
         self.calls = 0
         self.published: list[bytes] = []
 
-    async def publish(self, body: bytes, **options: Any) -> None:
+    async def publish(self, message: aio_pika.Message, **arguments: Any) -> None:
         self.calls += 1
         if self.calls == 1:
             await asyncio.sleep(0.01)
             raise RuntimeError("nacked by the broker")
-        self.published.append(body)
+        self.published.append(message.body)
 
 
 async def test_a_targets_next_command_never_overtakes_one_that_goes_back() -> None:
@@ -451,8 +468,8 @@ async def test_a_targets_commands_are_published_in_arrival_order() -> None:
     order: list[str] = []
 
     class Slow:
-        async def publish(self, body: bytes, **options: Any) -> None:
-            command_id = orjson.loads(body)["command_id"]
+        async def publish(self, message: aio_pika.Message, **arguments: Any) -> None:
+            command_id = orjson.loads(message.body)["command_id"]
             await asyncio.sleep(0.02 if command_id == "r-1" else 0)
             order.append(command_id)
 

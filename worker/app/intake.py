@@ -33,6 +33,7 @@ from worker.app.settle import (
     H_ORIGIN,
     H_PUBLISHER,
     RETRY_PREFIX,
+    carried,
     carried_options,
     delivery_alive,
     from_our_delay,
@@ -139,7 +140,8 @@ class Intake:
         self, message: AbstractIncomingMessage, key: str, previous: asyncio.Future[bool] | None
     ) -> bool:
         """Publish to the partition after the target's previous command; False: requeued."""
-        send = partial(self.partitions.publish, message.body, **routed_options(message, key))
+        routed, arguments = carried(message.body, routed_options(message, key))
+        send = partial(self.partitions.publish, routed, **arguments)
         try:
             if previous is not None and not await asyncio.shield(previous):
                 raise OutOfOrder("the target's previous command was requeued")

@@ -24,6 +24,7 @@ from datetime import UTC, datetime
 from functools import partial
 from typing import TYPE_CHECKING, Any, Protocol
 
+import aio_pika
 from aio_pika.abc import AbstractIncomingMessage
 from aio_pika.exceptions import CONNECTION_EXCEPTIONS
 
@@ -156,6 +157,25 @@ def carried_options(message: AbstractIncomingMessage, headers: dict[str, Any]) -
     }
 
 
+_PUBLISH_ARGUMENTS = ("routing_key", "mandatory")
+
+
+def carried(body: bytes, options: dict[str, Any]) -> tuple[aio_pika.Message, dict[str, Any]]:
+    """``body`` with the properties of ``options`` as a message FastStream sends unchanged, and
+    the publish's own arguments.  Given the properties instead, FastStream would invent a
+    ``correlation_id`` (and a timestamp) for a command that had none, and its result would echo
+    that instead of the ``command_id`` (CONTRACT.md)."""
+    properties = {k: v for k, v in options.items() if k not in _PUBLISH_ARGUMENTS}
+    persist = properties.pop("persist", False)
+    message = aio_pika.Message(
+        body,
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT if persist else None,
+        type=properties.pop("message_type", None),
+        **properties,
+    )
+    return message, {k: options[k] for k in _PUBLISH_ARGUMENTS if k in options}
+
+
 def dead_letter_options(outcome: Outcome, message: AbstractIncomingMessage) -> dict[str, Any]:
     """The dead letter: the command as it came, the CONTRACT headers, no retry headers."""
     error = outcome.event.get("error") or {}
@@ -222,8 +242,9 @@ class Publisher:
             tier = self.topology.delay_tier(outcome.defer_s)
             routed = self.topology.partitioned
             options = defer_options(outcome.defer_s, outcome.retry, message, routed)
+            deferred, arguments = carried(message.body, options)
             await self.delay.publish(
-                message.body, routing_key=self.topology.delay_queue(tier), **options
+                deferred, routing_key=self.topology.delay_queue(tier), **arguments
             )
             return
         body = codec.encode(outcome.event)
@@ -235,9 +256,9 @@ class Publisher:
         if reply_to and reply_to not in self.own_queues:
             sends.append(self.reply.publish(body, routing_key=reply_to, **options))
         if outcome.dead_letter:
-            dead = dead_letter_options(outcome, message)
+            dead, arguments = carried(message.body, dead_letter_options(outcome, message))
             sends.append(
-                self.dead.publish(message.body, routing_key=original_routing_key(message), **dead)
+                self.dead.publish(dead, routing_key=original_routing_key(message), **arguments)
             )
         if len(sends) == 1:
             await sends[0]  # the usual case: no task to wrap a lone publish in
