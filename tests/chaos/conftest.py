@@ -10,6 +10,9 @@ left unacknowledged.  Each scenario's figures are printed at the end of the run.
 from __future__ import annotations
 
 import asyncio
+import socket
+import subprocess
+import time
 import uuid
 from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Iterator
@@ -126,6 +129,9 @@ class Run:
         except CONNECTION_EXCEPTIONS:
             await asyncio.sleep(0.5)
 
+    def result_count(self) -> int:
+        return sum(len(events) for events in self.events.values())
+
     def final_status(self, command_id: str) -> str:
         events = self.events[command_id]
         firsts = [e for e in events if not e["duplicate"]] or events
@@ -236,6 +242,61 @@ class Run:
             else:
                 assert state["vinix"][conf]["name"] == command["command_id"], command
         return True
+
+
+REDIS_START = [
+    "redis-server",
+    "--daemonize",
+    "yes",
+    "--bind",
+    "127.0.0.1",
+    "-::1",
+    "--port",
+    "6379",
+    "--save",
+    "",
+    "--appendonly",
+    "no",
+    "--dir",
+    "/var/lib/redis",
+    "--logfile",
+    "/var/log/redis/ci.log",
+]
+
+
+def listens(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def start_redis() -> None:
+    """Start Redis as ``scripts/_env.sh`` does (bare, if its log folder is not there), unless
+    it runs, and wait for its port."""
+    if listens(6379):
+        return
+    if subprocess.run(REDIS_START, check=False, capture_output=True).returncode != 0:
+        subprocess.run(REDIS_START[:12], check=True, capture_output=True)
+    for _ in range(100):
+        if listens(6379):
+            return
+        time.sleep(0.1)
+    raise RuntimeError("Redis did not come back on 127.0.0.1:6379")
+
+
+def start_rabbitmq() -> None:
+    """Start RabbitMQ's app (a no-op when it runs) and wait until it is up."""
+    for command in (["rabbitmqctl", "start_app"], ["rabbitmqctl", "await_startup"]):
+        subprocess.run(command, check=True, capture_output=True)
+
+
+@pytest.fixture(autouse=True)
+def services_restored() -> Iterator[None]:
+    """After each scenario, Redis and RabbitMQ run again, even if it failed or timed out while
+    one of them was stopped: the tests after it need them."""
+    yield
+    start_redis()
+    if not listens(5672):
+        start_rabbitmq()
 
 
 @pytest.fixture

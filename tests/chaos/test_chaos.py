@@ -3,41 +3,26 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import socket
 import subprocess
+from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
 
-from tests.chaos.conftest import Run, env_for
+from ops.bench.brokerctl import active_replicas
+from tests.chaos.conftest import Run, env_for, start_rabbitmq, start_redis
 from tests.integration.conftest import Admin, Processes, listed_counts
-from tests.integration.replicas import Replicas, active_replicas
+from tests.integration.replicas import Replicas
 
 pytestmark = [pytest.mark.integration, pytest.mark.chaos]
 
 KILL_RUN = int(os.environ.get("CW_CHAOS_COMMANDS", "20000"))
 REPLICAS = int(os.environ.get("CW_CHAOS_REPLICAS", "3"))  # on the partitioned topology
 PREFETCH = 200
-REDIS_START = [
-    "redis-server",
-    "--daemonize",
-    "yes",
-    "--bind",
-    "127.0.0.1",
-    "-::1",
-    "--port",
-    "6379",
-    "--save",
-    "",
-    "--appendonly",
-    "no",
-    "--dir",
-    "/var/lib/redis",
-    "--logfile",
-    "/var/log/redis/ci.log",
-]
 
 
 async def started(run: Run, processes: Processes, **overrides: object) -> Replicas:
@@ -79,6 +64,42 @@ async def test_sigkill_at_random_moments(chaos: Run, admin: Admin, processes: Pr
     await chaos.check(admin)
 
 
+@contextlib.asynccontextmanager
+async def rabbitmq_stopped() -> AsyncIterator[None]:
+    """RabbitMQ's app stopped for the block, and started again after it, whatever the block
+    raised: a failed scenario must not leave the broker down for the tests after it."""
+    await asyncio.to_thread(
+        subprocess.run, ["rabbitmqctl", "stop_app"], check=True, capture_output=True
+    )
+    try:
+        yield
+    finally:
+        await asyncio.to_thread(start_rabbitmq)
+
+
+@contextlib.asynccontextmanager
+async def redis_stopped() -> AsyncIterator[None]:
+    """Redis shut down for the block, and running again after it, whatever the block raised."""
+    await asyncio.to_thread(
+        subprocess.run, ["redis-cli", "shutdown", "nosave"], capture_output=True
+    )
+    try:
+        yield
+    finally:
+        await asyncio.to_thread(start_redis)
+
+
+async def results_stop(run: Run, quiet_s: float, within_s: float) -> int:
+    """Take results until none came for ``quiet_s`` (within ``within_s``); how many there are."""
+    async with asyncio.timeout(within_s):
+        while True:
+            before = run.result_count()
+            await asyncio.sleep(quiet_s)
+            await run.drain_results()
+            if run.result_count() == before:
+                return before
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -108,17 +129,9 @@ async def test_rabbitmq_restart(chaos: Run, admin: Admin, processes: Processes) 
     await started(chaos, processes, http_port=port)
     await readiness_becomes(port, 200, timeout_s=30)
     await asyncio.sleep(2)
-    await asyncio.to_thread(
-        subprocess.run, ["rabbitmqctl", "stop_app"], check=True, capture_output=True
-    )
-    await readiness_becomes(port, 503, timeout_s=30)
-    await asyncio.sleep(3)
-    await asyncio.to_thread(
-        subprocess.run, ["rabbitmqctl", "start_app"], check=True, capture_output=True
-    )
-    await asyncio.to_thread(
-        subprocess.run, ["rabbitmqctl", "await_startup"], check=True, capture_output=True
-    )
+    async with rabbitmq_stopped():
+        await readiness_becomes(port, 503, timeout_s=30)
+        await asyncio.sleep(3)
     await readiness_becomes(port, 200, timeout_s=60)
     chaos.repeat_bound += PREFETCH
     await chaos.collect_until_complete(timeout_s=200)
@@ -136,16 +149,12 @@ async def test_redis_outage(chaos: Run, admin: Admin, processes: Processes) -> N
     await chaos.publish()
     await started(chaos, processes, dedup_url="redis://127.0.0.1:6379/0")
     await asyncio.sleep(2)
-    await asyncio.to_thread(
-        subprocess.run, ["redis-cli", "shutdown", "nosave"], capture_output=True
-    )
-    await asyncio.sleep(1)
-    await chaos.drain_results()
-    stalled = sum(len(v) for v in chaos.events.values())
-    await asyncio.sleep(3)
-    await chaos.drain_results()
-    assert sum(len(v) for v in chaos.events.values()) == stalled, "results went on without Redis"
-    await asyncio.to_thread(subprocess.run, REDIS_START, check=True, capture_output=True)
+    async with redis_stopped():
+        # What was past its last Redis step when Redis went may still end; then nothing does.
+        stalled = await results_stop(chaos, quiet_s=2.0, within_s=30.0)
+        await asyncio.sleep(3)
+        await chaos.drain_results()
+        assert chaos.result_count() == stalled, "results went on without Redis"
     await chaos.collect_until_complete(timeout_s=200)
     await chaos.check(admin)
 

@@ -21,6 +21,7 @@ import aiohttp
 import orjson
 import pytest
 
+from ops.bench.brokerctl import consumer_counts
 from ops.bench.env import worker_env as shared_worker_env
 from worker.app import topology
 from worker.app.service import Service
@@ -321,22 +322,6 @@ async def wait_for_consumers(channel: aio_pika.abc.AbstractChannel, queue: str, 
             if (declared.declaration_result.consumer_count or 0) >= count:
                 return
             await asyncio.sleep(0.1)
-
-
-def consumer_counts() -> dict[str, int]:
-    """How many consumers each queue has, active or waiting (a single-active-consumer queue's
-    ``queue.declare-ok`` counts only its active one), as ``rabbitmqctl`` lists them."""
-    out = subprocess.run(
-        ["rabbitmqctl", "list_consumers", "-q", "--no-table-headers", "queue_name"],
-        check=True,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    ).stdout
-    counts: dict[str, int] = {}
-    for line in out.split():
-        counts[line] = counts.get(line, 0) + 1
-    return counts
 
 
 async def wait_for_workers(

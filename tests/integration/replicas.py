@@ -2,15 +2,14 @@
 per-target order check over the sandbox's request log.
 
 A replica is a ``worker run`` process named by ``CW_INSTANCE_NAME``; the broker knows it by its
-connection name (``conference-worker/<name>``), so :func:`active_replicas` can say which replica
-is the single active consumer of each partition (``rabbitmqctl``, no management plugin needed).
+connection name (``conference-worker/<name>``), so ``ops.bench.brokerctl.active_replicas`` can
+say which replica is the single active consumer of each partition.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 import signal
 import subprocess
 import time
@@ -23,47 +22,12 @@ from typing import Any
 import aio_pika
 import orjson
 
-from tests.integration.conftest import Admin, Processes, command_queues, consumer_counts
+from ops.bench.brokerctl import active_replicas, consumer_counts
+from tests.integration.conftest import Admin, Processes, command_queues
 from worker.settings import Settings
 
 ROLES = ("barge", "monitor", "none", "whisper")
 Target = tuple[str, str]  # (conference_id, call_control_id)
-
-
-def _rabbitmqctl_json(*args: str) -> list[dict[str, Any]]:
-    out = subprocess.run(
-        ["rabbitmqctl", args[0], "-q", "--formatter", "json", *args[1:]],
-        check=True,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    ).stdout
-    return list(json.loads(out or "[]"))
-
-
-def _connection_name(properties: Any) -> str:
-    for key, _, value in properties or []:
-        if key == "connection_name":
-            return str(value)
-    return ""
-
-
-def active_replicas(queues: list[str]) -> dict[str, str]:
-    """For each of ``queues`` that has one, the instance name of its active consumer."""
-    consumers = _rabbitmqctl_json("list_consumers", "queue_name", "channel_pid", "active")
-    channels = {
-        c["pid"]: c["connection"] for c in _rabbitmqctl_json("list_channels", "pid", "connection")
-    }
-    connections = {
-        c["pid"]: _connection_name(c["client_properties"])
-        for c in _rabbitmqctl_json("list_connections", "pid", "client_properties")
-    }
-    wanted, found = set(queues), {}
-    for consumer in consumers:
-        if consumer["queue_name"] in wanted and consumer["active"]:
-            name = connections.get(channels.get(consumer["channel_pid"], ""), "")
-            found[consumer["queue_name"]] = name.removeprefix("conference-worker/")
-    return found
 
 
 @dataclass

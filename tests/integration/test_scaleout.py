@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from ops.bench.brokerctl import active_replicas
 from tests.integration.conftest import (
     Admin,
     Broker,
@@ -26,7 +27,6 @@ from tests.integration.replicas import (
     OrderRun,
     Replicas,
     Target,
-    active_replicas,
     assert_order_held,
     takeover_s,
 )
