@@ -37,7 +37,9 @@ from .options import parse
 from .otlp_sink import OtlpSink
 from .plan import run_scenarios
 from .procs import SCENARIOS, BenchError, console, server_pids, stop_all
-from .report import machine_facts, markdown, tables
+from .replicas import grids as replica_grids
+from .replicas import run_replicas
+from .report import machine_facts, markdown, tables, to_markdown, to_table
 from .stage import Ctx, extra_worker_env
 from .verdict import failed_points, noise_warnings, summarize
 
@@ -88,22 +90,18 @@ async def run(args: argparse.Namespace) -> int:
         )
         info = await redis.info("server")
         results = header(args, run_id, machine_facts(connection, str(info.get("redis_version"))))
-        console.print(
-            f"[bold]{run_id}[/] · scenarios {', '.join(scenarios)} · "
-            f"consumers {', '.join(args.consumers)} (peer in {', '.join(args.peer_scenarios)}) · "
-            f"{args.commands} commands · "
-            f"{results['machine']['nproc']} cores · load {os.getloadavg()[0]:.2f}"
-        )
-        await run_scenarios(ctx, scenarios, results)
+        console.print(banner(args, run_id, scenarios, results["machine"]["nproc"]))
+        if args.replicas is not None:
+            results["replicas"] = await run_replicas(ctx)
+        else:
+            await run_scenarios(ctx, scenarios, results)
         if sink is not None:
             results["tracing"].update(spans_exported=sink.spans, exports=sink.exports)
         results["duration_s"] = round(time.perf_counter() - began, 1)
         results["machine"]["loadavg_at_end"] = os.getloadavg()
-        results["summary"] = summarize(results)
-        results["noise_warnings"] = noise_warnings(results)
-        write(results, out, args.markdown)
+        code = report(args, results, out)
         ok = True
-        return 1 if failed_points(results["summary"]) and args.strict else 0
+        return code
     finally:
         stop_all()
         if sink is not None:
@@ -115,6 +113,31 @@ async def run(args: argparse.Namespace) -> int:
             shutil.rmtree(logs, ignore_errors=True)
         else:
             console.print(f"logs kept in {logs}")
+
+
+def report(args: argparse.Namespace, results: dict[str, Any], out: Path) -> int:
+    """Write and print the run; the exit code (1: a command lost, or ``--strict`` and a point
+    failed)."""
+    if args.replicas is not None:
+        write_replicas(results, out, args.markdown)
+        return 1 if results["replicas"].get("takeover", {}).get("lost") else 0
+    results["summary"] = summarize(results)
+    results["noise_warnings"] = noise_warnings(results)
+    write(results, out, args.markdown)
+    return 1 if failed_points(results["summary"]) and args.strict else 0
+
+
+def banner(args: argparse.Namespace, run_id: str, scenarios: list[str], nproc: int) -> str:
+    what = (
+        f"{args.replicas} replicas, P={args.partitions}"
+        if args.replicas is not None
+        else f"scenarios {', '.join(scenarios)} · consumers {', '.join(args.consumers)} "
+        f"(peer in {', '.join(args.peer_scenarios)})"
+    )
+    return (
+        f"[bold]{run_id}[/] · {what} · {args.commands} commands · {nproc} cores · "
+        f"load {os.getloadavg()[0]:.2f}"
+    )
 
 
 def header(args: argparse.Namespace, run_id: str, machine: dict[str, Any]) -> dict[str, Any]:
@@ -150,6 +173,22 @@ def write(results: dict[str, Any], out: Path, markdown_path: str | None) -> None
         console.print(f"[yellow]{warning}")
     if markdown_path:
         Path(markdown_path).write_text(markdown(results), encoding="utf-8")
+    console.print(f"wrote {out} · {results['duration_s']} s")
+
+
+def write_replicas(results: dict[str, Any], out: Path, markdown_path: str | None) -> None:
+    """The JSON file and the ``--replicas`` tables (console, and Markdown if asked)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(orjson.dumps(results, option=orjson.OPT_INDENT_2) + b"\n")
+    found = replica_grids(results["replicas"])
+    for grid in found:
+        console.print(to_table(grid))
+    if markdown_path:
+        lines = [f"### Run `{results['run_id']}` ({results['duration_s']} s)", ""]
+        lines.append(f"- command: `{results['command']}`")
+        for grid in found:
+            lines += to_markdown(grid)
+        Path(markdown_path).write_text("\n".join(lines) + "\n", encoding="utf-8")
     console.print(f"wrote {out} · {results['duration_s']} s")
 
 

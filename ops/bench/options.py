@@ -105,12 +105,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         default=True,
         help="also measure the floor's latency at the same offered rate (the harness's own floor)",
     )
-    p.add_argument("--rss-commands", type=int, default=2500)
-    p.add_argument("--rss-prefetch", type=int, default=2000)
-    p.add_argument(
-        "--rss-pool-size", type=int, default=1024, help="per provider, so ~all are at the provider"
-    )
-    p.add_argument("--rss-latency-ms", type=float, default=2000.0)
+    rss_options(p)
     p.add_argument("--amqp-url", default="amqp://guest:guest@127.0.0.1:5672/")
     p.add_argument("--dedup-url", default="redis://127.0.0.1:6379/0", help="CW_DEDUP_URL")
     p.add_argument(
@@ -147,6 +142,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="only delete what killed runs left (bench-<id>-* queues, exchanges, dedup keys)",
     )
+    replica_options(p)
     p.add_argument(
         "--strict", action="store_true", help="exit 1 when an acceptance threshold fails"
     )
@@ -162,9 +158,45 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     for item in args.worker_env:
         if "=" not in item:
             p.error(f"--worker-env {item!r}: expected NAME=VALUE")
+    if args.replicas is not None and (args.replicas < 1 or args.partitions < 1):
+        p.error("--replicas and --partitions must be at least 1")
     args.consumers = consumers(p, args.consumers)
     args.peer_scenarios = peer_scenarios(p, args.peer_scenarios)
     return args
+
+
+def rss_options(p: argparse.ArgumentParser) -> None:
+    """The rss scenario's load."""
+    p.add_argument("--rss-commands", type=int, default=2500)
+    p.add_argument("--rss-prefetch", type=int, default=2000)
+    p.add_argument(
+        "--rss-pool-size", type=int, default=1024, help="per provider, so ~all are at the provider"
+    )
+    p.add_argument("--rss-latency-ms", type=float, default=2000.0)
+
+
+def replica_options(p: argparse.ArgumentParser) -> None:
+    """``--replicas`` and what goes with it (``ops/bench/replicas.py``)."""
+    p.add_argument(
+        "--replicas",
+        type=int,
+        default=None,
+        metavar="N",
+        help="instead of the scenarios: drain the single queue with 1 worker, P partitions with "
+        "1 and with N replicas (CPU per command summed over them), then SIGKILL the active "
+        "consumer under load and time the takeover (ops/bench/replicas.py)",
+    )
+    p.add_argument("--partitions", type=int, default=16, help="P of --replicas (CW_PARTITIONS)")
+    p.add_argument(
+        "--takeover",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="with --replicas N >= 2: measure the takeover after SIGKILL (twice when N >= 3)",
+    )
+    p.add_argument("--takeover-rate", type=float, default=200.0, help="paced cmd/s of takeover")
+    p.add_argument(
+        "--takeover-latency-ms", type=float, default=50.0, help="sandbox latency of takeover"
+    )
 
 
 def _names(text: str) -> list[str]:

@@ -118,13 +118,16 @@ async def reset_sandbox(ctx: Ctx, sandbox: SandboxProc) -> None:
         answer.raise_for_status()
 
 
-def topology_for(prefix: str) -> Topology:
+def topology_for(prefix: str, partitions: int = 0) -> Topology:
+    """The names under ``prefix``; ``partitions`` 0 is the single command queue the floor and
+    the peer consume (the worker's drains run on it too, so all three do the same work)."""
     return Topology(
         commands_exchange=f"{prefix}.commands",
         commands_queue=f"{prefix}.worker.commands",
         results_exchange=f"{prefix}.results",
         dead_exchange=f"{prefix}.dead",
         dead_queue=f"{prefix}.worker.dead",
+        partitions=partitions,
     )
 
 
@@ -143,6 +146,7 @@ def worker_env(
             "CW_RESULTS_EXCHANGE": topology.results_exchange,
             "CW_DEAD_EXCHANGE": topology.dead_exchange,
             "CW_DEAD_QUEUE": topology.dead_queue,
+            "CW_PARTITIONS": str(topology.partitions),
             "CW_VINIX_BASE_URL": sandbox.base_url,
             "CW_VINIX_API_KEY": fx.vinix_api_key,
             "CW_TELNYX_BASE_URL": sandbox.base_url,
@@ -239,9 +243,11 @@ class Stage:
 
 
 @contextlib.asynccontextmanager
-async def stage(ctx: Ctx, name: str, sandbox: SandboxProc) -> AsyncIterator[Stage]:
+async def stage(
+    ctx: Ctx, name: str, sandbox: SandboxProc, partitions: int = 0
+) -> AsyncIterator[Stage]:
     prefix = f"{ctx.run_id}-{name}"
-    topology = topology_for(prefix)
+    topology = topology_for(prefix, partitions)
     results_queue = f"{prefix}.bench-results"
     collector = ResultCollector()
     channel = await ctx.connection.channel()
