@@ -397,15 +397,20 @@ async def test_the_intake_acks_after_the_publish() -> None:
 
 async def test_the_intake_invents_no_properties() -> None:
     """The command goes on with its own properties, persistent: one without a correlation_id
-    (or timestamp) gets none on the way (its result then echoes its command_id, CONTRACT.md)."""
+    gets none on the way (its result then echoes its command_id, CONTRACT.md); one without a
+    timestamp gets the intake's (its age is measured), one with a timestamp keeps it."""
     partitions = FakePartitions([])
     intake = Intake(partitions)  # type: ignore[arg-type]
     await intake.handle(Message(orjson.dumps(ROLE), message_id="m-1"))  # type: ignore[arg-type]
-    await intake.handle(Message(orjson.dumps(UPDATE), correlation_id="corr-2"))  # type: ignore[arg-type]
+    sent = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+    correlated_message = Message(orjson.dumps(UPDATE), correlation_id="corr-2", timestamp=sent)
+    await intake.handle(correlated_message)  # type: ignore[arg-type]
     bare, correlated = partitions.messages
-    assert (bare.correlation_id, bare.timestamp, bare.message_id) == (None, None, "m-1")
+    assert (bare.correlation_id, bare.message_id) == (None, "m-1")
+    assert bare.timestamp is not None
+    assert bare.timestamp > sent
     assert bare.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
-    assert correlated.correlation_id == "corr-2"
+    assert (correlated.correlation_id, correlated.timestamp) == ("corr-2", sent)
     assert partitions.published[0][1]["mandatory"] is True
 
 

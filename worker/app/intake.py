@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -91,8 +92,10 @@ def routed_headers(message: AbstractIncomingMessage, key: str) -> dict[str, Any]
 
 def routed_options(message: AbstractIncomingMessage, key: str) -> dict[str, Any]:
     """Publish options that carry ``message`` on unchanged (but for our headers), to the routing
-    key its publisher used; unroutable (no partition bound) is a fault: back to the intake."""
+    key its publisher used; unroutable (no partition bound) is a fault: back to the intake.  A
+    command sent without a timestamp gets the intake's, so that its age is measured (README)."""
     options = carried_options(message, routed_headers(message, key))
+    options["timestamp"] = message.timestamp or datetime.now(UTC)
     # A publisher's cw-routing-key is stripped like every cw-* header, so it is not used either.
     ours = from_our_delay(message)
     options["routing_key"] = original_routing_key(message) if ours else message.routing_key or ""
