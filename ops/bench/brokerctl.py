@@ -8,8 +8,11 @@ by the replicas benchmark (``ops/bench/replicas.py``) and the scale-out tests
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
+import time
+from collections import Counter
 from typing import Any
 
 
@@ -51,17 +54,25 @@ def active_replicas(queues: list[str]) -> dict[str, str]:
     return found
 
 
-def consumer_counts() -> dict[str, int]:
+def consumer_counts() -> Counter[str]:
     """How many consumers each queue has, active or waiting (a single-active-consumer queue's
     ``queue.declare-ok`` counts only its active one)."""
-    out = subprocess.run(
-        ["rabbitmqctl", "list_consumers", "-q", "--no-table-headers", "queue_name"],
-        check=True,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    ).stdout
-    counts: dict[str, int] = {}
-    for line in out.split():
-        counts[line] = counts.get(line, 0) + 1
-    return counts
+    return Counter(row["queue_name"] for row in rabbitmqctl_json("list_consumers", "queue_name"))
+
+
+def all_consume(queues: list[str], replicas: int) -> bool:
+    """Whether each of ``queues`` has at least ``replicas`` consumers, waiting ones included."""
+    counts = consumer_counts()
+    return all(counts[q] >= replicas for q in queues)
+
+
+async def took_over(queue: str, dead: str, timeout_s: float) -> tuple[float, str]:
+    """Seconds until a replica other than ``dead`` is the active consumer of ``queue``, and
+    which one (TimeoutError after ``timeout_s``)."""
+    began = time.monotonic()
+    async with asyncio.timeout(timeout_s):
+        while True:
+            now = (await asyncio.to_thread(active_replicas, [queue])).get(queue)
+            if now and now != dead:
+                return time.monotonic() - began, now
+            await asyncio.sleep(0.05)

@@ -33,7 +33,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from .brokerctl import active_replicas, consumer_counts
+from .brokerctl import active_replicas, all_consume, took_over
 from .load import CommandPublisher, PacedPublisher, ResultCollector, percentiles, preload
 from .plan import sandbox_at
 from .procs import BenchError, Child, Snap, console, snap, spawn, status_kb
@@ -83,8 +83,7 @@ class Fleet:
         deadline = time.monotonic() + timeout_s
         while True:
             self.check()
-            counts = await asyncio.to_thread(consumer_counts)
-            if all(counts.get(q, 0) >= len(self.children) for q in queues):
+            if await asyncio.to_thread(all_consume, queues, len(self.children)):
                 return
             if time.monotonic() > deadline:
                 raise BenchError(f"{self.st.name}: the replicas did not all consume in time")
@@ -249,15 +248,12 @@ async def kill_active(fleet: Fleet) -> Row:
         raise BenchError("no partition has an active consumer")
     name, count = Counter(active.values()).most_common(1)[0]
     queue = next(q for q in queues if active.get(q) == name)
-    began = time.perf_counter()
+    began = time.perf_counter()  # the clock of the results' arrivals (result_gap)
     fleet.kill(name)
-    while True:
-        now = (await asyncio.to_thread(active_replicas, [queue])).get(queue)
-        if now and now != name:
-            break
-        if time.perf_counter() - began > 60.0:
-            raise BenchError(f"no replica took {queue} over within 60 s")
-    took = time.perf_counter() - began
+    try:
+        took, now = await took_over(queue, name, 60.0)
+    except TimeoutError:
+        raise BenchError(f"no replica took {queue} over within 60 s") from None
     console.print(f"  SIGKILL {name} (active on {count}): {queue} to {now} in {took:.2f} s")
     return {"killed": name, "active_on": count, "partition": queue, "by": now,
             "takeover_s": round(took, 3), "t": began}  # fmt: skip

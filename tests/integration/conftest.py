@@ -21,7 +21,7 @@ import aiohttp
 import orjson
 import pytest
 
-from ops.bench.brokerctl import consumer_counts
+from ops.bench.brokerctl import all_consume
 from ops.bench.env import worker_env as shared_worker_env
 from worker.app import topology
 from worker.app.service import Service
@@ -331,12 +331,14 @@ async def wait_for_workers(
     waiting single-active consumers included).  ``channel`` is unused (kept for the callers that
     wait on a fresh connection's channel)."""
     del channel
+    await workers_consume(settings, count)
+
+
+async def workers_consume(settings: Settings, count: int) -> None:
+    """Until ``count`` workers consume every command queue of ``settings`` (60 s at most)."""
     queues = command_queues(settings)
     async with asyncio.timeout(60):
-        while True:
-            counts = await asyncio.to_thread(consumer_counts)
-            if all(counts.get(queue, 0) >= count for queue in queues):
-                return
+        while not await asyncio.to_thread(all_consume, queues, count):
             await asyncio.sleep(0.2)
 
 

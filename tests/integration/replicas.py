@@ -12,7 +12,6 @@ import asyncio
 import itertools
 import signal
 import subprocess
-import time
 import uuid
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -22,8 +21,8 @@ from typing import Any
 import aio_pika
 import orjson
 
-from ops.bench.brokerctl import active_replicas, consumer_counts
-from tests.integration.conftest import Admin, Processes, command_queues
+from ops.bench.brokerctl import took_over
+from tests.integration.conftest import Admin, Processes, workers_consume
 from worker.settings import Settings
 
 ROLES = ("barge", "monitor", "none", "whisper")
@@ -50,13 +49,7 @@ class Replicas:
 
     async def wait_consuming(self) -> None:
         """Until every running replica consumes every command queue."""
-        queues = command_queues(self.settings)
-        async with asyncio.timeout(60):
-            while True:
-                counts = await asyncio.to_thread(consumer_counts)
-                if all(counts.get(q, 0) >= len(self.running) for q in queues):
-                    return
-                await asyncio.sleep(0.2)
+        await workers_consume(self.settings, len(self.running))
 
     def kill(self, name: str) -> None:
         proc = self.running.pop(name)
@@ -72,13 +65,7 @@ class Replicas:
 
 async def takeover_s(queue: str, dead: str, timeout_s: float = 30.0) -> float:
     """Seconds until a replica other than ``dead`` is the active consumer of ``queue``."""
-    began = time.monotonic()
-    async with asyncio.timeout(timeout_s):
-        while True:
-            now = (await asyncio.to_thread(active_replicas, [queue])).get(queue)
-            if now and now != dead:
-                return time.monotonic() - began
-            await asyncio.sleep(0.05)
+    return (await took_over(queue, dead, timeout_s))[0]
 
 
 @dataclass
