@@ -23,6 +23,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.chaos]
 KILL_RUN = int(os.environ.get("CW_CHAOS_COMMANDS", "20000"))
 REPLICAS = int(os.environ.get("CW_CHAOS_REPLICAS", "3"))  # on the partitioned topology
 PREFETCH = 200
+OUTAGE_S = 8.0
 
 
 async def started(run: Run, processes: Processes, **overrides: object) -> Replicas:
@@ -89,17 +90,6 @@ async def redis_stopped() -> AsyncIterator[None]:
         await asyncio.to_thread(start_redis)
 
 
-async def results_stop(run: Run, quiet_s: float, within_s: float) -> int:
-    """Take results until none came for ``quiet_s`` (within ``within_s``); how many there are."""
-    async with asyncio.timeout(within_s):
-        while True:
-            before = run.result_count()
-            await asyncio.sleep(quiet_s)
-            await run.drain_results()
-            if run.result_count() == before:
-                return before
-
-
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -149,12 +139,16 @@ async def test_redis_outage(chaos: Run, admin: Admin, processes: Processes) -> N
     await chaos.publish()
     await started(chaos, processes, dedup_url="redis://127.0.0.1:6379/0")
     await asyncio.sleep(2)
+    await chaos.drain_results()
+    before = chaos.result_count()
     async with redis_stopped():
-        # What was past its last Redis step when Redis went may still end; then nothing does.
-        stalled = await results_stop(chaos, quiet_s=2.0, within_s=30.0)
-        await asyncio.sleep(3)
+        await asyncio.sleep(OUTAGE_S)
         await chaos.drain_results()
-        assert chaos.result_count() == stalled, "results went on without Redis"
+        during = chaos.result_count() - before
+        # Only what was claimed before Redis went (at most a prefetch window per replica) may
+        # end meanwhile: its result goes out while its record waits for Redis (README).  A worker
+        # carrying on without Redis would answer most of the ~4,000 commands left.
+        assert during <= PREFETCH * REPLICAS, f"{during} results in {OUTAGE_S} s without Redis"
     await chaos.collect_until_complete(timeout_s=200)
     await chaos.check(admin)
 
