@@ -117,3 +117,20 @@ async def test_state_changes_are_reported() -> None:
     await enter(g)
     g.succeeded()
     assert seen == [BreakerState.OPEN, BreakerState.HALF_OPEN, BreakerState.CLOSED]
+
+
+async def test_a_probe_not_made_gives_its_place_to_the_next_caller() -> None:
+    """A caller let in as the half-open probe that then makes no call (its delivery went away,
+    or it was cancelled) gives the probe back at once: the next caller probes, nobody waits for
+    an answer that will never come."""
+    g = gate(failure_threshold=1, cooldown_s=10.0)
+    g.failed()
+    g._reopen_at = 0.0  # the cool-down is over
+    await enter(g)
+    assert g.probing
+    waiting = asyncio.create_task(enter(g))
+    await asyncio.sleep(0.01)
+    assert not waiting.done()
+    g.unused()
+    await asyncio.wait_for(waiting, timeout=1)
+    assert g.probing  # the next caller is the probe now

@@ -9,6 +9,7 @@ each delivery.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -188,3 +189,26 @@ async def test_a_crash_rejects_the_delivery_back_to_the_queue(
     await harness.send(role())
     assert harness.events() == []
     assert harness.settled == ["reject requeue=True"]
+
+
+async def test_a_delivery_whose_consumer_task_is_cancelled_is_still_carried_out_to_its_end(
+    harness: Harness,
+) -> None:
+    """aiormq cancels a channel's consumer tasks when the channel closes: a provider call already
+    made still ends with its result, its dedup record and its settling, never half-done (else the
+    redelivered copy would wait out the lease and call the provider again)."""
+    harness.telnyx.gate = asyncio.Event()
+    consumer = asyncio.create_task(harness.send(role()))
+    while harness.telnyx.calls == 0:
+        await asyncio.sleep(0.001)
+    consumer.cancel()
+    await asyncio.gather(consumer, return_exceptions=True)
+    harness.telnyx.gate.set()
+    async with asyncio.timeout(5):
+        while not harness.settled:
+            await asyncio.sleep(0.001)
+    assert harness.settled == ["ack"]
+    assert [e["status"] for e in harness.events()] == ["succeeded"]
+    await harness.send(role())  # the broker's copy, redelivered: answered from the store
+    assert harness.telnyx.calls == 1
+    assert harness.events()[-1]["duplicate"] is True

@@ -292,6 +292,45 @@ async def test_a_delivery_whose_channel_closed_while_waiting_is_not_carried_out(
     assert again.status == "succeeded"
 
 
+async def test_a_delivery_whose_channel_closed_while_waiting_for_its_claim_is_not_carried_out() -> (
+    None
+):
+    """A redelivered copy waiting for the claim that another replica's copy holds, whose own
+    channel closes meanwhile, gets the claim only to give it back: DeliveryGone, no provider
+    call, the claim free for the copy that is redelivered now."""
+    store = MemoryDedupStore(DedupConfig(url="memory://", lease_s=60))
+    failing = FakeProvider("telnyx", *[ProviderUnavailable("telnyx", "down")] * 3)
+    failing.gate = asyncio.Event()
+    first = asyncio.create_task(process(make(telnyx=failing, dedup=store), role()))
+    await asyncio.sleep(0.01)
+    waiting = FakeProvider("telnyx")
+    channel_open = True
+    second = asyncio.create_task(
+        make(telnyx=waiting, dedup=store).process(Delivery(role(), alive=lambda: channel_open))
+    )
+    await asyncio.sleep(0.05)
+    channel_open = False
+    failing.gate.set()  # the first copy fails and releases the claim
+    assert (await first).status == "failed"
+    with pytest.raises(DeliveryGone):
+        await second
+    assert waiting.calls == 0
+    again = await process(make(telnyx=waiting, dedup=store), role())
+    assert (again.status, waiting.calls) == ("succeeded", 1)
+
+
+async def test_a_delivery_whose_channel_closed_during_a_backoff_makes_no_further_call() -> None:
+    """The channel closes between two attempts: no second call from here, the claim is freed
+    and the redelivered copy carries the command out."""
+    telnyx = FakeProvider("telnyx", ProviderUnavailable("telnyx", "down"))
+    pipeline = make(telnyx=telnyx)
+    with pytest.raises(DeliveryGone):
+        await pipeline.process(Delivery(role(), alive=lambda: telnyx.calls == 0))
+    assert telnyx.calls == 1
+    again = await process(pipeline, role())
+    assert (again.status, telnyx.calls) == ("succeeded", 2)
+
+
 async def test_long_backoff_defers_and_releases_the_claim() -> None:
     """A Retry-After beyond the inline limit defers the command and frees its command_id."""
     telnyx = FakeProvider("telnyx", ProviderUnavailable("rate_limited", "429", retry_after_s=30))

@@ -248,3 +248,49 @@ async def test_failed_probes_do_not_use_up_the_attempts() -> None:
     )
     assert result.success is OK
     assert (result.attempts, result.state.probes) == (5, 4)
+
+
+async def test_no_further_call_once_the_delivery_is_gone() -> None:
+    """A delivery whose channel closed during a backoff makes no further call (its redelivered
+    copy may already run elsewhere): ``gone``, and the attempts stay those that were made."""
+    clock = FakeClock()
+    provider = Scripted(unavailable(), OK)
+    calls_made = [0]
+
+    def alive() -> bool:
+        return provider.calls == calls_made[0]  # the channel closes after the first call
+
+    result = await retrier(clock).run(
+        provider,
+        Gate("telnyx", GateConfig(failure_threshold=100), clock=clock),
+        None,
+        state=RetryState(),
+        expires_at=None,
+        stopping=asyncio.Event(),
+        alive=alive,
+    )
+    assert (result.gone, result.success, result.attempts, provider.calls) == (True, None, 1, 1)
+
+
+async def test_a_cancelled_probe_gives_the_probe_back() -> None:
+    """The half-open probe's call cancelled midway (a stop's grace over) does not leave the
+    breaker waiting for an answer for ever."""
+    clock = FakeClock()
+    gate = Gate("telnyx", GateConfig(failure_threshold=1), clock=clock)
+    gate.failed()
+    clock.now += 3600  # the cool-down is over: the next call is the probe
+
+    class Hanging(Scripted):
+        async def execute(self, command: Any) -> ProviderSuccess:
+            self.calls += 1
+            await asyncio.Event().wait()
+            raise AssertionError
+
+    provider = Hanging()
+    call = asyncio.create_task(run(clock, provider, gate=gate))
+    while provider.calls == 0:
+        await asyncio.sleep(0)
+    assert gate.probing
+    call.cancel()
+    await asyncio.gather(call, return_exceptions=True)
+    assert not gate.probing

@@ -2,12 +2,21 @@
 
 FastStream calls :meth:`CommandHandler.handle` once per delivery, each in a task of its own
 (aio-pika runs every consumer callback as a task), so all the deliveries in flight (up to the
-prefetch count) are processed concurrently.  The handler is thin: it hands the delivery to the
-pipeline (:class:`worker.pipeline.process.Pipeline`, which knows nothing of the broker) and the
-outcome to :func:`worker.app.settle.settle`, the one place that acks, requeues, dead-letters or
-defers.  A delivery whose processing raises (a bug, not a bad message) is rejected back to the
-queue, where the quorum queue's delivery limit ends a poison message in the dead-letter queue
-instead of a loop.
+prefetch count) are processed concurrently.  aiormq cancels a channel's consumer tasks when the
+channel closes (a broker restart, a lost connection), which would stop a provider call midway or
+the dedup store's record of one that was made (the command then applied with no record: its
+redelivered copy waits out the claim's lease and calls again, and the target's newest applied
+``issued_at`` is lost, so an older command could land after it).  So each delivery is worked in
+a task of the handler's own, shielded from that: a provider call under way runs to its end and
+is recorded, a delivery still waiting for its target's turn, its claim or its next attempt stops
+there (:class:`DeliveryGone`), and the broker's copy, redelivered, finds the command done or free.
+
+The handler is thin: it hands the delivery to the pipeline
+(:class:`worker.pipeline.process.Pipeline`, which knows nothing of the broker) and the outcome to
+:func:`worker.app.settle.settle`, the one place that acks, requeues, dead-letters or defers.  A
+delivery whose processing raises (a bug, not a bad message) is rejected back to the queue, where
+the quorum queue's delivery limit ends a poison message in the dead-letter queue instead of a
+loop.
 
 On a partition (``routed``) a stopping worker *holds* what arrives: the delivery is neither started
 nor settled, so that no other replica can take the partition over while this one still carries
@@ -41,7 +50,7 @@ class CommandHandler:
     routed: bool = False  # deliveries come from partitions, through the intake
     completed: int = 0
     held: int = 0
-    abandoned: int = 0  # deliveries whose channel closed before their turn (redelivered)
+    abandoned: int = 0  # deliveries whose channel closed before a call (redelivered)
     _inflight: set[asyncio.Task[Any]] = field(default_factory=set)
     _holding: bool = False
 
@@ -51,20 +60,24 @@ class CommandHandler:
         return len(self._inflight)
 
     async def handle(self, message: AbstractIncomingMessage) -> None:
-        """Process one delivery and settle it (or hold it, when stopping on a partition)."""
+        """Process one delivery and settle it (or hold it, when stopping on a partition).
+
+        The work goes on when the channel's close cancels this task (see the module docstring).
+        """
         if self._holding:
             self.held += 1
             return
-        task = asyncio.current_task()
-        if task is not None:
-            self._inflight.add(task)
+        work = asyncio.create_task(self._work(message))
+        self._inflight.add(work)
+        work.add_done_callback(self._inflight.discard)
+        await asyncio.shield(work)
+
+    async def _work(self, message: AbstractIncomingMessage) -> None:
         watch = self.observer.begin(message)
         try:
             await self._carry_out(message, watch)
         finally:
             self.observer.end(watch)
-            if task is not None:
-                self._inflight.discard(task)
 
     async def _carry_out(self, message: AbstractIncomingMessage, watch: Watch) -> None:
         try:

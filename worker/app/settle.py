@@ -52,6 +52,7 @@ H_ORIGIN = "cw-origin"  # set by the intake: "delay" or "publisher" (worker.app.
 RETRY_PREFIX = "cw-"
 RETRY_HEADERS = (H_ATTEMPTS, H_BUDGET_USED, H_FIRST_FAILURE, H_NOT_BEFORE, H_ROUTING_KEY, H_PROBES)
 APP_ID = "conference-worker"
+REMEMBER_ANYWAY_S = 5.0  # how long a cancelled settle still waits for the dedup record
 
 
 def _number(value: Any) -> float | None:
@@ -287,7 +288,7 @@ async def settle(message: AbstractIncomingMessage, outcome: Outcome, publisher: 
         failure = exc
     except BaseException:
         if remembering is not None:
-            remembering.cancel()
+            await _remember_anyway(remembering)
         raise
     if remembering is not None and not await _remembered(remembering, outcome):
         failure = failure or RuntimeError("the dedup store's record failed")
@@ -301,6 +302,16 @@ async def settle(message: AbstractIncomingMessage, outcome: Outcome, publisher: 
         return False
     await quietly(message.ack())
     return True
+
+
+async def _remember_anyway(remembering: asyncio.Future[None]) -> None:
+    """Settling was cancelled (a stop's grace is over), but the command was carried out: its
+    record is still made, for up to ``REMEMBER_ANYWAY_S`` (else its claim's lease runs out and
+    the redelivered copy calls the provider again)."""
+    try:
+        await asyncio.wait_for(asyncio.shield(remembering), REMEMBER_ANYWAY_S)
+    except BaseException:  # the store is away, or a second cancellation: give up on it
+        remembering.cancel()
 
 
 async def _remembered(remembering: asyncio.Future[None], outcome: Outcome) -> bool:

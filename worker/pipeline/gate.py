@@ -100,6 +100,13 @@ class Gate:
             self._cooldown_s = 0.0
             self._set(BreakerState.CLOSED)
 
+    def unused(self) -> None:
+        """A call let in was not made, or was cancelled midway: a probe's place is given back
+        (else the half-open breaker would wait for its answer for ever)."""
+        if self._probing:
+            self._probing = False
+            self._wake()
+
     def failed(self, retry_after_s: float | None = None) -> None:
         """A retryable failure (timeout, 5xx, 429...)."""
         now = self.clock()
@@ -157,6 +164,9 @@ class Gate:
             log.info("%s: circuit breaker closed", self.name)
         if self.on_change is not None:
             self.on_change(self.name, state)
-        # Wake every waiter so it re-evaluates; a fresh event for the next change.
+        self._wake()
+
+    def _wake(self) -> None:
+        """Wake every waiter so it re-evaluates; a fresh event for the next change."""
         self._changed.set()
         self._changed = asyncio.Event()

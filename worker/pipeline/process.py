@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from functools import partial
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import orjson
 from opentelemetry import trace
@@ -64,8 +64,9 @@ class Delivery:
 
 
 class DeliveryGone(Exception):
-    """The delivery's channel closed while it waited for its target's turn: it is not carried
-    out here (the broker redelivers it, in order, to whoever consumes now)."""
+    """The delivery's channel closed while it waited for its target's turn, its claim or its
+    next attempt: it is not carried out here (the broker redelivers it, in order, to whoever
+    consumes now), and its claim is given back."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,19 +146,20 @@ class Pipeline:
         async with self.sequencer.turn(target_of(command)):
             if not delivery.alive():  # else a stale copy could land after its redelivered self
                 raise DeliveryGone(command.command_id)
-            outcome = await self._carry_out(command, delivery.retry, received_at)
+            outcome = await self._carry_out(command, delivery, received_at)
         if outcome.remember is not None and not remember_later:
             await outcome.remember()
             outcome = replace(outcome, remember=None)
         return outcome
 
     async def _carry_out(
-        self, command: AnyCommand, retry: RetryState, received_at: datetime
+        self, command: AnyCommand, delivery: Delivery, received_at: datetime
     ) -> Outcome:
         ident = Identity(command.command_id, command.type)
         target = target_of(command)
         issued_at = command.issued_at.timestamp() if command.issued_at else None
         key = None if issued_at is None else target_key(target)
+        retry = delivery.retry
         claim = await self._claim(command.command_id, codec.fingerprint(command), key)
         if isinstance(claim, Done):
             return _replay(claim.result, received_at, command)
@@ -165,21 +167,24 @@ class Pipeline:
             return _failure(
                 ident, IdempotencyConflict(), retry.attempts, received_at, command=command
             )
+        if not delivery.alive():  # its channel closed while it waited for the claim
+            await self._give_up(command.command_id, claim)
         applied = None
         if self.sequencer.is_stale(target, issued_at, claim.last_applied):
             outcome = _failure(ident, Superseded(), retry.attempts, received_at, command=command)
         else:
-            outcome = await self._call(command, claim, retry, received_at)
+            outcome = await self._call(command, claim, delivery, received_at)
             if outcome.status == "succeeded" and key is not None and issued_at is not None:
                 self.sequencer.applied(target, issued_at)
                 applied = Applied(key, issued_at)
         return replace(outcome, remember=partial(self._remember, command, claim, outcome, applied))
 
     async def _call(
-        self, command: AnyCommand, claim: Claimed, retry: RetryState, received_at: datetime
+        self, command: AnyCommand, claim: Claimed, delivery: Delivery, received_at: datetime
     ) -> Outcome:
         """Carry the claimed command out against its provider (the claim kept alive meanwhile)."""
         provider = _ROUTES[command.type]
+        retry = delivery.retry
         before = retry.attempts
         if self.keeper is not None:
             self.keeper.hold(command.command_id, claim.token)
@@ -191,10 +196,13 @@ class Pipeline:
                 state=retry,
                 expires_at=command.expires_at.timestamp() if command.expires_at else None,
                 stopping=self.stopping,
+                alive=delivery.alive,
             )
         finally:
             if self.keeper is not None:
                 self.keeper.drop(command.command_id)
+        if attempted.gone:
+            await self._give_up(command.command_id, claim)
         ident = Identity(command.command_id, command.type)
         return _finish(ident, attempted, received_at, command, attempted.attempts - before)
 
@@ -221,6 +229,11 @@ class Pipeline:
                 return outcome
             await asyncio.sleep(wait)
             wait = min(wait * 2, _WAIT_MAX_S)
+
+    async def _give_up(self, command_id: str, claim: Claimed) -> NoReturn:
+        """Free the claim of a delivery whose channel closed, for its redelivered copy."""
+        await self._with_store(partial(self.dedup.release, command_id, claim.token))
+        raise DeliveryGone(command_id)
 
     async def _remember(
         self, command: AnyCommand, claim: Claimed, outcome: Outcome, applied: Applied | None

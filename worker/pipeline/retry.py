@@ -58,6 +58,7 @@ class Attempted:
     success: ProviderSuccess | None = None
     error: Final | None = None
     defer_s: float | None = None
+    gone: bool = False  # the delivery's channel closed before a call: none was made
 
     @property
     def attempts(self) -> int:
@@ -111,22 +112,27 @@ class Retrier:
         state: RetryState,
         expires_at: float | None,
         stopping: asyncio.Event,
+        alive: Callable[[], bool] = lambda: True,
     ) -> Attempted:
-        """Call ``provider`` until success, a final error, or a deferral to the broker."""
+        """Call ``provider`` until success, a final error, or a deferral to the broker.
+
+        ``alive`` is asked before each call: once the delivery's channel has closed (its broker
+        copy is redelivered, maybe to another replica that acts on the target meanwhile) no
+        further call is made (``gone``), since it could land after a newer command's.
+        """
         run = _Run(state, self.clock(), expires_at, clock=self.clock)
         while True:
-            if expires_at is not None and self.clock() >= expires_at:
-                return Attempted(state, error=DeadlineExceeded())
-            try:
-                run.paused += await gate.enter(deadline=expires_at, stopping=stopping)
-            except GateClosed as closed:
-                if closed.reason == "deadline":
-                    return Attempted(state, error=DeadlineExceeded())
-                return self._defer(run, 0.0)
+            ended = await self._admitted(run, gate, stopping, alive)
+            if ended is not None:
+                return ended
             state.attempts += 1
             probe = gate.probing
             try:
                 success = await provider.execute(command)
+            except asyncio.CancelledError:
+                if probe:
+                    gate.unused()
+                raise
             except PermanentError as exc:
                 gate.succeeded()
                 return Attempted(state, error=exc)
@@ -139,6 +145,25 @@ class Retrier:
             else:
                 gate.succeeded()
                 return Attempted(state, success=success)
+
+    async def _admitted(
+        self, run: _Run, gate: Gate, stopping: asyncio.Event, alive: Callable[[], bool]
+    ) -> Attempted | None:
+        """Wait for the gate before a call (None), or end here: expired, deferred or gone."""
+        expires_at, state = run.expires_at, run.state
+        if expires_at is not None and self.clock() >= expires_at:
+            return Attempted(state, error=DeadlineExceeded())
+        try:
+            run.paused += await gate.enter(deadline=expires_at, stopping=stopping)
+        except GateClosed as closed:
+            if closed.reason == "deadline":
+                return Attempted(state, error=DeadlineExceeded())
+            return self._defer(run, 0.0)
+        if alive():
+            return None
+        if gate.probing:  # this call was to be the probe
+            gate.unused()
+        return Attempted(state, gone=True)
 
     async def _after_failure(
         self, run: _Run, exc: TransientError, stopping: asyncio.Event
