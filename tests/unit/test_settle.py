@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import pytest
 from aiormq.exceptions import ChannelInvalidStateError
 
 from worker.app.settle import settle
@@ -83,6 +84,26 @@ async def test_a_failed_publish_still_waits_for_the_record_then_requeues() -> No
     assert not await settle(message, outcome(remember), publisher)  # type: ignore[arg-type]
     assert done == ["remembered"]
     assert message.settled == ["nack requeue=True"]
+
+
+async def test_a_cancelled_settle_still_makes_the_record_then_gives_up_the_delivery() -> None:
+    """Settling cancelled while it publishes (a stop's grace is over): the command was carried
+    out, so its dedup record is still made before the cancellation goes on; nothing is acked."""
+    done: list[str] = []
+
+    async def remember() -> None:
+        await asyncio.sleep(0.05)
+        done.append("remembered")
+
+    message = FakeMessage()
+    publisher: Any = FakePublisher([], delay_s=10)
+    settling = asyncio.create_task(settle(message, outcome(remember), publisher))  # type: ignore[arg-type]
+    await asyncio.sleep(0.01)
+    settling.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await settling
+    assert done == ["remembered"]
+    assert message.settled == []
 
 
 class OpenChannel:
