@@ -57,6 +57,9 @@ class WorkerError(Exception):
         self.message = message
         self.details = details
         self.provider = provider
+        # Handed on from a call that another command made (callers queued behind one failed
+        # token fetch): the provider answered once, so a circuit breaker counts it once.
+        self.shared = False
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(code={self.code!r}, message={self.message!r})"

@@ -213,12 +213,17 @@ async def test_token_renewed_after_ttl(fake: FakeVinix, make_client: MakeClient)
 
 
 async def test_failed_auth_is_shared_by_waiters(fake: FakeVinix, client) -> None:
-    """Commands queued behind a failing token fetch get its error instead of fetching again."""
+    """Commands queued behind a failing token fetch get its error instead of fetching again,
+    marked as shared (a circuit breaker counts the one failed fetch once, not 20 times)."""
     fake.auth_delay_s = 0.05
     fake.auth_answers.append((503, {"status": "fatal", "error": "503", "message": "fault"}))
     burst = (client.execute(_command()) for _ in range(20))
     outcomes = await asyncio.gather(*burst, return_exceptions=True)
     assert all(isinstance(o, ProviderUnavailable) for o in outcomes)
+    assert (
+        sorted(o.shared for o in outcomes if isinstance(o, ProviderUnavailable))
+        == [False] + [True] * 19
+    )
     assert fake.auth_calls == 1
     await client.execute(_command())
     assert fake.auth_calls == 2

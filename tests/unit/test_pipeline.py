@@ -331,6 +331,26 @@ async def test_a_delivery_whose_channel_closed_during_a_backoff_makes_no_further
     assert (again.status, telnyx.calls) == ("succeeded", 2)
 
 
+async def test_a_retry_overtaken_by_a_newer_command_elsewhere_ends_superseded() -> None:
+    """While a command's first call fails, another replica applies a newer command of the same
+    target: the retry reads the target's mark again and the older command ends superseded, with
+    no second call (it could land after the newer one's)."""
+    store = MemoryDedupStore(DedupConfig(url="memory://", lease_s=60))
+    now = datetime.now(UTC)
+    older = FakeProvider("telnyx", ProviderUnavailable("telnyx", "down"))
+    older.gate = asyncio.Event()
+    first = asyncio.create_task(
+        process(make(telnyx=older, dedup=store), role(command_id="old", issued_at=now.isoformat()))
+    )
+    await asyncio.sleep(0.01)
+    newer = role(command_id="new", issued_at=(now + timedelta(seconds=1)).isoformat())
+    assert (await process(make(dedup=store), newer)).status == "succeeded"
+    older.gate.set()
+    outcome = await first
+    assert (outcome.status, outcome.event["error"]["code"]) == ("rejected", "superseded")
+    assert older.calls == 1
+
+
 async def test_long_backoff_defers_and_releases_the_claim() -> None:
     """A Retry-After beyond the inline limit defers the command and frees its command_id."""
     telnyx = FakeProvider("telnyx", ProviderUnavailable("rate_limited", "429", retry_after_s=30))

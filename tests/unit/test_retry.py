@@ -7,9 +7,22 @@ from typing import Any
 
 import pytest
 
-from worker.errors import ProviderAnswer, ProviderName, ProviderRejected, ProviderUnavailable
+from worker.errors import (
+    ProviderAnswer,
+    ProviderName,
+    ProviderRejected,
+    ProviderUnavailable,
+    Superseded,
+)
 from worker.pipeline.gate import BreakerState, Gate, GateConfig
-from worker.pipeline.retry import Attempted, Retrier, RetryState, backoff_delay, next_delay
+from worker.pipeline.retry import (
+    Attempted,
+    Retrier,
+    RetryState,
+    Verdict,
+    backoff_delay,
+    next_delay,
+)
 from worker.providers import ProviderSuccess
 from worker.settings import RetryPolicy
 
@@ -250,26 +263,46 @@ async def test_failed_probes_do_not_use_up_the_attempts() -> None:
     assert (result.attempts, result.state.probes) == (5, 4)
 
 
-async def test_no_further_call_once_the_delivery_is_gone() -> None:
-    """A delivery whose channel closed during a backoff makes no further call (its redelivered
-    copy may already run elsewhere): ``gone``, and the attempts stay those that were made."""
-    clock = FakeClock()
-    provider = Scripted(unavailable(), OK)
-    calls_made = [0]
-
-    def alive() -> bool:
-        return provider.calls == calls_made[0]  # the channel closes after the first call
-
-    result = await retrier(clock).run(
+async def admitted_run(provider: Scripted, admit: Any, clock: FakeClock) -> Attempted:
+    return await retrier(clock).run(
         provider,
         Gate("telnyx", GateConfig(failure_threshold=100), clock=clock),
         None,
         state=RetryState(),
         expires_at=None,
         stopping=asyncio.Event(),
-        alive=alive,
+        admit=admit,
     )
+
+
+async def test_no_further_call_once_the_delivery_is_gone() -> None:
+    """A delivery whose channel closed during a backoff makes no further call (its redelivered
+    copy may already run elsewhere): ``gone``, and the attempts stay those that were made."""
+    clock = FakeClock()
+    provider = Scripted(unavailable(), OK)
+
+    async def admit(waited: bool) -> Verdict:
+        return Verdict.GO if provider.calls == 0 else Verdict.GONE
+
+    result = await admitted_run(provider, admit, clock)
     assert (result.gone, result.success, result.attempts, provider.calls) == (True, None, 1, 1)
+
+
+async def test_a_retry_overtaken_by_a_newer_command_ends_superseded() -> None:
+    """Before a retry the pipeline is asked again, told that time passed; a command overtaken
+    meanwhile ends superseded (final, no call).  The first call is not a wait: told so."""
+    clock = FakeClock()
+    provider = Scripted(unavailable(), OK)
+    asked: list[bool] = []
+
+    async def admit(waited: bool) -> Verdict:
+        asked.append(waited)
+        return Verdict.STALE if waited else Verdict.GO
+
+    result = await admitted_run(provider, admit, clock)
+    assert asked == [False, True]
+    assert isinstance(result.error, Superseded)
+    assert (result.attempts, provider.calls) == (1, 1)
 
 
 async def test_a_cancelled_probe_gives_the_probe_back() -> None:
@@ -294,3 +327,18 @@ async def test_a_cancelled_probe_gives_the_probe_back() -> None:
     call.cancel()
     await asyncio.gather(call, return_exceptions=True)
     assert not gate.probing
+
+
+async def test_a_shared_failure_does_not_count_again_in_the_breaker() -> None:
+    """Callers that got another caller's failure (one failed token fetch handed to every command
+    queued behind it) do not count it again: 20 of them do not open a breaker of threshold 5."""
+    clock = FakeClock()
+    gate = Gate("telnyx", GateConfig(failure_threshold=5), clock=clock)
+    async with asyncio.timeout(5):  # an open breaker would hold the next run for its cool-down
+        for _ in range(20):
+            shared = unavailable()
+            shared.shared = True
+            await run(clock, Scripted(shared), gate=gate, max_attempts=1)
+    assert gate.state.name == "CLOSED"
+    await run(clock, Scripted(*(unavailable() for _ in range(5))), gate=gate, max_attempts=5)
+    assert gate.state.name == "OPEN"  # five failures of its own do

@@ -2,7 +2,9 @@
 
 decode → take the target's turn → deduplicate (reading the target's newest applied ``issued_at``
 with the claim) → drop if superseded → check the deadline → call the provider through its gate,
-with retries → build the result event → remember the result in the dedup store.
+with retries (before each call: is the delivery's channel still open and, after a wait, has no
+newer command of the target been applied meanwhile?) → build the result event → remember the
+result in the dedup store.
 :func:`Pipeline.process` always returns an :class:`Outcome`: a final result event (maybe to be
 dead-lettered) or a deferral to a broker-held delay.  The consumer asks for the last step to be
 left to it (``remember_later``) and runs it while it publishes the result; what it then does with
@@ -38,8 +40,8 @@ from worker.errors import (
 )
 from worker.pipeline.allowlist import AllowList, Forbidden
 from worker.pipeline.gate import Gate
-from worker.pipeline.retry import Attempted, Retrier, RetryState
-from worker.pipeline.sequencer import Sequencer, target_key, target_of
+from worker.pipeline.retry import Admit, Attempted, Retrier, RetryState, Verdict
+from worker.pipeline.sequencer import Sequencer, Target, target_key, target_of
 from worker.providers import Provider
 
 log = logging.getLogger("worker.pipeline.process")
@@ -173,14 +175,20 @@ class Pipeline:
         if self.sequencer.is_stale(target, issued_at, claim.last_applied):
             outcome = _failure(ident, Superseded(), retry.attempts, received_at, command=command)
         else:
-            outcome = await self._call(command, claim, delivery, received_at)
+            admit = partial(self._admit, delivery, target, issued_at)
+            outcome = await self._call(command, claim, delivery, received_at, admit)
             if outcome.status == "succeeded" and key is not None and issued_at is not None:
                 self.sequencer.applied(target, issued_at)
                 applied = Applied(key, issued_at)
         return replace(outcome, remember=partial(self._remember, command, claim, outcome, applied))
 
     async def _call(
-        self, command: AnyCommand, claim: Claimed, delivery: Delivery, received_at: datetime
+        self,
+        command: AnyCommand,
+        claim: Claimed,
+        delivery: Delivery,
+        received_at: datetime,
+        admit: Admit,
     ) -> Outcome:
         """Carry the claimed command out against its provider (the claim kept alive meanwhile)."""
         provider = _ROUTES[command.type]
@@ -196,7 +204,7 @@ class Pipeline:
                 state=retry,
                 expires_at=command.expires_at.timestamp() if command.expires_at else None,
                 stopping=self.stopping,
-                alive=delivery.alive,
+                admit=admit,
             )
         finally:
             if self.keeper is not None:
@@ -229,6 +237,20 @@ class Pipeline:
                 return outcome
             await asyncio.sleep(wait)
             wait = min(wait * 2, _WAIT_MAX_S)
+
+    async def _admit(
+        self, delivery: Delivery, target: Target, issued_at: float | None, waited: bool
+    ) -> Verdict:
+        """Whether the next provider call may go: not once the delivery's channel closed, nor,
+        after a wait, once a newer command of the target was applied (by another replica that
+        took the partition over meanwhile, say): its call could land after the newer one's."""
+        if not delivery.alive():
+            return Verdict.GONE
+        if waited and issued_at is not None:
+            stored = await self._with_store(partial(self.dedup.last_applied, target_key(target)))
+            if self.sequencer.is_stale(target, issued_at, stored):
+                return Verdict.STALE
+        return Verdict.GO
 
     async def _give_up(self, command_id: str, claim: Claimed) -> NoReturn:
         """Free the claim of a delivery whose channel closed, for its redelivered copy."""

@@ -12,18 +12,44 @@ waiting for an unhealthy provider's circuit breaker is not charged to it.
 from __future__ import annotations
 
 import asyncio
+import enum
 import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from worker.errors import DeadlineExceeded, PermanentError, ProviderUnavailable, TransientError
+from worker.errors import (
+    DeadlineExceeded,
+    PermanentError,
+    ProviderUnavailable,
+    Superseded,
+    TransientError,
+)
 from worker.pipeline.gate import Gate, GateClosed
 from worker.providers import Provider, ProviderSuccess
 from worker.settings import RetryPolicy
 
 Clock = Callable[[], float]
+
+
+class Verdict(enum.Enum):
+    """Whether the next call may go (asked of the pipeline just before each one)."""
+
+    GO = "go"
+    GONE = "gone"  # the delivery's channel closed: its redelivered copy carries the command out
+    STALE = "stale"  # a newer command of the target was applied meanwhile: superseded
+
+
+# Asked before each call; the argument says whether time passed since the claim was read (a
+# wait for the gate, or a retry), so that what the claim said may have changed.
+Admit = Callable[[bool], Awaitable[Verdict]]
+
+
+async def _always(_: bool) -> Verdict:
+    return Verdict.GO
+
+
 # Sleeps for the delay unless ``stopping`` is set first; returns True when interrupted.
 Sleep = Callable[[float, asyncio.Event], Awaitable[bool]]
 Final = PermanentError | TransientError | DeadlineExceeded
@@ -89,6 +115,7 @@ class _Run:
     expires_at: float | None
     paused: float = 0.0
     clock: Clock = field(default=time.time)
+    retried: bool = False  # a call was let in before (the next one is a retry)
 
     def budget_used(self) -> float:
         return self.state.budget_used_s + (self.clock() - self.started - self.paused)
@@ -112,17 +139,18 @@ class Retrier:
         state: RetryState,
         expires_at: float | None,
         stopping: asyncio.Event,
-        alive: Callable[[], bool] = lambda: True,
+        admit: Admit = _always,
     ) -> Attempted:
         """Call ``provider`` until success, a final error, or a deferral to the broker.
 
-        ``alive`` is asked before each call: once the delivery's channel has closed (its broker
-        copy is redelivered, maybe to another replica that acts on the target meanwhile) no
-        further call is made (``gone``), since it could land after a newer command's.
+        ``admit`` is asked before each call.  Once the delivery's channel has closed (its broker
+        copy is redelivered, maybe to a replica that acts on the target meanwhile) no further
+        call is made (``gone``); after a wait, a command that a newer one of its target has
+        overtaken meanwhile ends superseded: either call could land after the newer one's.
         """
         run = _Run(state, self.clock(), expires_at, clock=self.clock)
         while True:
-            ended = await self._admitted(run, gate, stopping, alive)
+            ended = await self._admitted(run, gate, stopping, admit)
             if ended is not None:
                 return ended
             state.attempts += 1
@@ -137,7 +165,8 @@ class Retrier:
                 gate.succeeded()
                 return Attempted(state, error=exc)
             except TransientError as exc:
-                gate.failed(getattr(exc, "retry_after_s", None))
+                if probe or not exc.shared:  # another caller's failure was counted already
+                    gate.failed(getattr(exc, "retry_after_s", None))
                 state.probes += probe
                 outcome = await self._after_failure(run, exc, stopping)
                 if outcome is not None:
@@ -147,23 +176,30 @@ class Retrier:
                 return Attempted(state, success=success)
 
     async def _admitted(
-        self, run: _Run, gate: Gate, stopping: asyncio.Event, alive: Callable[[], bool]
+        self, run: _Run, gate: Gate, stopping: asyncio.Event, admit: Admit
     ) -> Attempted | None:
-        """Wait for the gate before a call (None), or end here: expired, deferred or gone."""
+        """Wait for the gate before a call (None), or end here: expired, deferred, gone or
+        superseded."""
         expires_at, state = run.expires_at, run.state
         if expires_at is not None and self.clock() >= expires_at:
             return Attempted(state, error=DeadlineExceeded())
         try:
-            run.paused += await gate.enter(deadline=expires_at, stopping=stopping)
+            waited = await gate.enter(deadline=expires_at, stopping=stopping)
         except GateClosed as closed:
             if closed.reason == "deadline":
                 return Attempted(state, error=DeadlineExceeded())
             return self._defer(run, 0.0)
-        if alive():
+        run.paused += waited
+        probe = gate.probing  # this call is to be the half-open probe
+        verdict = await admit(waited > 0 or run.retried)
+        run.retried = True
+        if verdict is Verdict.GO:
             return None
-        if gate.probing:  # this call was to be the probe
+        if probe:
             gate.unused()
-        return Attempted(state, gone=True)
+        if verdict is Verdict.GONE:
+            return Attempted(state, gone=True)
+        return Attempted(state, error=Superseded())
 
     async def _after_failure(
         self, run: _Run, exc: TransientError, stopping: asyncio.Event

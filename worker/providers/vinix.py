@@ -209,12 +209,15 @@ def _details(envelope: dict[str, Any]) -> Any:
 
 
 def _copy(error: WorkerError) -> WorkerError:
-    """A fresh exception equal to ``error`` (re-raising one instance grows its traceback)."""
+    """A fresh exception equal to ``error`` (re-raising one instance grows its traceback),
+    marked as shared."""
     retry_after_s = getattr(error, "retry_after_s", None)
-    return provider_error(
+    copy = provider_error(
         error.code,
         error.message,
         answer=error.provider,
         details=error.details,
         retry_after_s=retry_after_s,
     )
+    copy.shared = True  # one failed fetch counts once in the breaker, not once per caller
+    return copy
