@@ -169,7 +169,7 @@ class Pipeline:
             return _failure(
                 ident, IdempotencyConflict(), retry.attempts, received_at, command=command
             )
-        if not delivery.alive():  # its channel closed while it waited for the claim
+        if not delivery.alive():  # closed while it waited for the claim: give it back now
             await self._give_up(command.command_id, claim)
         applied = None
         if self.sequencer.is_stale(target, issued_at, claim.last_applied):
