@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .procs import KINDS, ROOT, SCENARIOS, Kind
+from .procs import DEFAULT_KINDS, KINDS, ROOT, SCENARIOS, Kind
 from .verdict import BROKER_STALL_MS
 
 
@@ -37,9 +37,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--consumers",
-        default=",".join(KINDS),
-        help="the consumers to run (a subset of " + ",".join(KINDS) + "); without worker, "
-        "only drain (and p99 with --rate) measure anything",
+        default=",".join(DEFAULT_KINDS),
+        help=f"the consumers to run (a subset of {','.join(KINDS)}; default "
+        f"{','.join(DEFAULT_KINDS)}; stack, the floor on the worker's libraries, drains only); "
+        "without worker, only drain (and p99 with --rate) measure anything",
     )
     p.add_argument(
         "--peer-scenarios",

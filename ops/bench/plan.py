@@ -16,7 +16,7 @@ import statistics
 from collections.abc import AsyncIterator
 from typing import Any
 
-from .procs import KINDS, Kind, console
+from .procs import DEFAULT_KINDS, KINDS, Kind, console
 from .scenarios import DrainSpec, drain, paced
 from .stage import Ctx, SandboxProc, start_sandbox
 from .verdict import BROKER_STALL_MS
@@ -31,7 +31,7 @@ def kinds_in(args: argparse.Namespace, scenario: str) -> tuple[Kind, ...]:
     return tuple(k for k in chosen if k == "worker" or (k == "peer" and peer))
 
 
-def drain_order(index: int, kinds: tuple[Kind, ...] = KINDS) -> tuple[Kind, ...]:
+def drain_order(index: int, kinds: tuple[Kind, ...] = DEFAULT_KINDS) -> tuple[Kind, ...]:
     """``kinds`` rotated by ``index``: floor, worker, peer; worker, peer, floor; peer, floor,
     worker; ...  Each kind goes first, middle and last in turn, so a host that slows down (or
     speeds up) during the run does not always favour the same side.  With two kinds this is

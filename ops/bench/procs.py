@@ -22,9 +22,11 @@ from rich.console import Console
 ROOT = Path(__file__).resolve().parents[2]
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 SCENARIOS = ("drain", "latency100", "p99", "rss")
-Kind = Literal["floor", "worker", "peer"]
-# The consumers: the bare floor, the worker, the naive FastStream peer (ops/bench/peer.py).
-KINDS: tuple[Kind, ...] = ("floor", "worker", "peer")
+Kind = Literal["floor", "stack", "worker", "peer"]
+# The consumers: the bare floor, the floor on the worker's stack (ops/bench/stack.py), the worker,
+# the naive FastStream peer (ops/bench/peer.py).  The stack floor runs when asked for.
+KINDS: tuple[Kind, ...] = ("floor", "stack", "worker", "peer")
+DEFAULT_KINDS: tuple[Kind, ...] = ("floor", "worker", "peer")
 console = Console() if Console().is_terminal else Console(width=150)
 
 

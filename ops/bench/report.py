@@ -182,8 +182,8 @@ def _over(a: float | None, b: float | None) -> str:
 def side_grid(summary: dict[str, Any]) -> Grid:
     """Worker, floor and peer side by side (drain medians), and the worker's ratios."""
     side = summary["side_by_side"]
-    kinds = [k for k in ("worker", "floor", "peer") if k in side]
-    others = [k for k in ("floor", "peer") if k in side and "worker" in side]
+    kinds = [k for k in ("worker", "floor", "stack", "peer") if k in side]
+    others = [k for k in ("floor", "stack", "peer") if k in side and "worker" in side]
     runs = summary["ratios"].get("runs", max((v["runs"] for v in side.values()), default=0))
     columns = [f"median of {runs} drain run(s)", *kinds, *(f"worker ÷ {k}" for k in others)]
     rows = []

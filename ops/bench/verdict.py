@@ -67,12 +67,12 @@ def _ratio(a: float, b: float) -> float:
 
 
 def ratios_of(side: dict[str, dict[str, Any]], runs: int) -> dict[str, Any]:
-    """The worker's figures over the floor's and over the peer's (those that were run)."""
+    """The worker's figures over the floor's, the stack floor's and the peer's (those run)."""
     worker = side.get("worker")
     if worker is None:
         return {}
     out: dict[str, Any] = {"runs": runs}
-    for other in ("floor", "peer"):
+    for other in ("floor", "stack", "peer"):
         if other not in side:
             continue
         them = side[other]

@@ -12,7 +12,7 @@ import pytest
 from ops.bench.load import SandboxFixtures
 from ops.bench.options import parse
 from ops.bench.plan import drain_order, keyed, kinds_in, spec_name
-from ops.bench.procs import KINDS, SCENARIOS
+from ops.bench.procs import DEFAULT_KINDS, SCENARIOS
 from ops.bench.stage import Ctx, SandboxProc, consumer_command, topology_for
 
 
@@ -64,7 +64,7 @@ def test_by_default_the_peer_runs_in_the_drain_only() -> None:
     """``--peer-scenarios drain`` (the default): the drain runs floor, worker and peer; latency100,
     p99 and rss run the worker alone (p99's floor window is ``--p99-floor``'s)."""
     args = parse([])
-    assert args.consumers == KINDS
+    assert args.consumers == DEFAULT_KINDS
     assert kinds_in(args, "drain") == ("floor", "worker", "peer")
     for scenario in ("latency100", "p99", "rss"):
         assert kinds_in(args, scenario) == ("worker",)
