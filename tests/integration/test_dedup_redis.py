@@ -152,6 +152,23 @@ async def test_recovers_after_its_connection_is_killed(prefix: str, raw: Redis) 
     await store.close()
 
 
+async def test_a_round_trip_that_timed_out_leaves_no_stale_reply_behind(
+    prefix: str, raw: Redis
+) -> None:
+    """A round trip Redis answers too late fails as StoreUnavailable and drops its connection:
+    the late replies never reach a later call, which gets its own."""
+    store = RedisDedupStore(DedupConfig(url=f"{REDIS_URL}?socket_timeout=0.2"))
+    await store.ping()
+    await raw.client_pause(500)
+    with pytest.raises(StoreUnavailable, match="no answer within"):
+        await store.claim(f"{prefix}late", FP)
+    await asyncio.sleep(0.6)  # the pause is over; Redis answered the dropped connection, if any
+    await store.mark_applied(f"{prefix}target", 42.5)
+    assert await store.last_applied(f"{prefix}target") == 42.5
+    assert await store.lookup(f"{prefix}other") is None
+    await store.close()
+
+
 async def test_scripts_are_loaded_again_after_a_flush(prefix: str, raw: Redis) -> None:
     """After SCRIPT FLUSH (or a Redis restart) the store loads its scripts again, unnoticed."""
     store = redis_store()
