@@ -11,6 +11,7 @@ refused connections, TLS verification.
 from __future__ import annotations
 
 import asyncio
+import gc
 import re
 import shutil
 import socket
@@ -282,6 +283,34 @@ async def _send(
             body={"a": 1} if body is None else body,
             request_id="r1",
         )
+    finally:
+        await http.aclose()
+
+
+async def test_an_answer_leaves_no_reference_cycle_behind() -> None:
+    """httpx ties each response to its stream in a cycle (encode/httpx#3733); JsonHttp breaks it
+    once the body is read, so a dropped answer is freed at once, not by the cycle collector."""
+    http = JsonHttp(_config(), transport=answering(200, b'{"data": {}}'))
+
+    async def call() -> HttpAnswer:
+        return await http.request("POST", TARGET, headers={}, body={"a": 1})
+
+    try:
+        await call()  # warm: the pool and the client's lazy state
+        gc.collect()
+        gc.disable()
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        try:
+            answer = await call()
+            assert answer.body == {"data": {}}
+            del answer
+            gc.collect()
+            left = [o for o in gc.garbage if isinstance(o, httpx.Response | httpx.Request)]
+        finally:
+            gc.set_debug(0)
+            gc.garbage.clear()
+            gc.enable()
+        assert left == []
     finally:
         await http.aclose()
 
