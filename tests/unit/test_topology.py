@@ -3,11 +3,14 @@ consistent-hash exchange, partitions), which the shipped RabbitMQ definitions ho
 
 from __future__ import annotations
 
+import gc
 import json
 from pathlib import Path
+from types import FunctionType
 from typing import Any, cast
 
 import aio_pika
+from faststream.rabbit import RabbitExchange
 
 from worker.app.topology import (
     COMMAND_BINDING,
@@ -22,6 +25,7 @@ from worker.app.topology import (
     partition_queues,
     partitioned_queue_arguments,
     partitions_exchange,
+    results_exchange,
 )
 from worker.settings import Topology
 
@@ -227,3 +231,29 @@ async def test_declare_builds_the_single_queue_layout() -> None:
         channel.bindings
     )
     assert len(channel.queues) == 2 + len(topology.delay_tiers_s)
+
+
+def test_exchanges_hash_as_faststreams_do_and_leave_no_garbage() -> None:
+    """The topology's exchanges hash and compare as FastStream's own RabbitExchange (its declarer
+    caches them by hash on every publish), without the reference cycle FastStream's hash makes."""
+    topology = Topology(partitions=2)
+    exchanges = [results_exchange(topology), partitions_exchange(topology)]
+    theirs = [
+        RabbitExchange(e.name, type=e.type, durable=e.durable, arguments=e.arguments)
+        for e in exchanges
+    ]
+    assert [hash(e) for e in exchanges] == [hash(e) for e in theirs]
+    assert exchanges == theirs
+    gc.collect()
+    gc.disable()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        for exchange in exchanges:
+            hash(exchange)
+        gc.collect()
+        left = [o for o in gc.garbage if isinstance(o, FunctionType)]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+    assert left == []
