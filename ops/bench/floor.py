@@ -32,6 +32,8 @@ import orjson
 from aio_pika.abc import AbstractExchange, AbstractIncomingMessage
 from yarl import URL
 
+from .pipeline_cli import parser
+
 _JSON = {"Content-Type": "application/json", "Accept": "application/json"}
 
 
@@ -43,6 +45,32 @@ def _session(args: argparse.Namespace) -> aiohttp.ClientSession:
     return aiohttp.ClientSession(
         connector=connector, timeout=aiohttp.ClientTimeout(total=args.timeout_s)
     )
+
+
+def result_event(
+    command: dict[str, Any],
+    provider: str,
+    got: tuple[int, str | None, bytes],
+    received_at: datetime,
+) -> dict[str, Any]:
+    """A result event of the worker's shape for the provider's answer ``got`` (status, its
+    ``x-request-id``, body); a 2xx succeeded."""
+    status_code, request_id, raw = got
+    answer = orjson.loads(raw) if raw else None
+    ok = 200 <= status_code < 300
+    data = answer.get("data") if isinstance(answer, dict) else None
+    return {
+        "command_id": command["command_id"],
+        "type": command["type"],
+        "status": "succeeded" if ok else "rejected",
+        "duplicate": False,
+        "attempts": 1,
+        "error": None if ok else {"code": "provider_rejected", "message": str(answer)[:500]},
+        "provider": {"name": provider, "status_code": status_code, "request_id": request_id},
+        "data": data if isinstance(data, dict) else None,
+        "received_at": received_at,
+        "completed_at": datetime.now(UTC),
+    }
 
 
 class Floor:
@@ -107,26 +135,9 @@ class Floor:
             print(f"floor: {command.get('command_id')}: {exc!r}", file=sys.stderr, flush=True)
             await message.reject(requeue=True)
             return
-        answer = orjson.loads(raw) if raw else None
-        ok = 200 <= response.status < 300
-        data = answer.get("data") if isinstance(answer, dict) else None
-        status = "succeeded" if ok else "rejected"
-        event = {
-            "command_id": command["command_id"],
-            "type": command["type"],
-            "status": status,
-            "duplicate": False,
-            "attempts": 1,
-            "error": None if ok else {"code": "provider_rejected", "message": str(answer)[:500]},
-            "provider": {
-                "name": name,
-                "status_code": response.status,
-                "request_id": response.headers.get("x-request-id"),
-            },
-            "data": data if isinstance(data, dict) else None,
-            "received_at": received_at,
-            "completed_at": datetime.now(UTC),
-        }
+        got = (response.status, response.headers.get("x-request-id"), raw)
+        event = result_event(command, name, got, received_at)
+        status = event["status"]
         result = aio_pika.Message(
             orjson.dumps(event),
             content_type="application/json",
@@ -167,25 +178,7 @@ async def main(args: argparse.Namespace) -> None:
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="python -m ops.bench.floor", description=__doc__.split("\n")[0]
-    )
-    p.add_argument("--amqp-url", default="amqp://guest:guest@127.0.0.1:5672/")
-    p.add_argument("--queue", required=True, help="the (preloaded) command queue to consume")
-    p.add_argument("--results-exchange", required=True)
-    p.add_argument("--telnyx-url", required=True, help="e.g. http://127.0.0.1:8090/v2")
-    p.add_argument("--telnyx-key", required=True)
-    p.add_argument("--vinix-url", required=True, help="e.g. http://127.0.0.1:8090/v2")
-    p.add_argument("--vinix-key", required=True)
-    p.add_argument("--prefetch", type=int, default=256, help="commands in flight (as CW_PREFETCH)")
-    p.add_argument(
-        "--pool-size",
-        type=int,
-        default=256,
-        help="HTTP connections per provider (as CW_HTTP_POOL_SIZE)",
-    )
-    p.add_argument("--timeout-s", type=float, default=10.0)
-    return p.parse_args(argv)
+    return parser("floor", __doc__).parse_args(argv)
 
 
 if __name__ == "__main__":

@@ -57,6 +57,8 @@ import redis.asyncio as aioredis
 from faststream import FastStream
 from faststream.rabbit import Channel, ExchangeType, RabbitBroker, RabbitExchange, RabbitQueue
 
+from .pipeline_cli import parser
+
 RETENTION_S = 3600
 Request = tuple[str, str, str, dict[str, Any], dict[str, str]]
 
@@ -201,17 +203,7 @@ async def main(args: argparse.Namespace) -> None:
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="python -m ops.bench.peer", description=(__doc__ or "").split("\n")[0]
-    )
-    p.add_argument("--amqp-url", default="amqp://guest:guest@127.0.0.1:5672/")
-    p.add_argument("--queue", required=True, help="the (preloaded) command queue to consume")
-    p.add_argument("--results-exchange", required=True)
-    p.add_argument("--telnyx-url", required=True, help="e.g. http://127.0.0.1:8090/v2")
-    p.add_argument("--telnyx-key", required=True)
-    p.add_argument("--vinix-url", required=True, help="e.g. http://127.0.0.1:8090/v2")
-    p.add_argument("--vinix-key", required=True)
-    p.add_argument("--prefetch", type=int, default=256, help="commands in flight (as CW_PREFETCH)")
+    p = parser("peer", __doc__, http_pool=False)
     p.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     p.add_argument(
         "--run", default="peer", help="dedup keys are cw:peer:<run>:<command id> (the runner's)"

@@ -44,7 +44,9 @@ from faststream.rabbit.publisher import RabbitPublisher
 from worker.providers.http import ProviderClient
 from worker.providers.transport import AiohttpTransport
 
+from .floor import result_event
 from .peer import provider_request
+from .pipeline_cli import parser
 
 _JSON = {"Content-Type": "application/json", "Accept": "application/json"}
 
@@ -113,27 +115,9 @@ class Stack:
             print(f"stack: {command.get('command_id')}: {exc!r}", flush=True)
             await message.reject(requeue=True)
             return
-        answer = orjson.loads(response.content) if response.content else None
-        data = answer.get("data") if isinstance(answer, dict) else None
-        status = "succeeded" if response.is_success else "rejected"
-        event = {
-            "command_id": command["command_id"],
-            "type": command["type"],
-            "status": status,
-            "duplicate": False,
-            "attempts": 1,
-            "error": None
-            if response.is_success
-            else {"code": "provider_rejected", "message": str(answer)[:500]},
-            "provider": {
-                "name": name,
-                "status_code": response.status_code,
-                "request_id": response.headers.get("x-request-id"),
-            },
-            "data": data if isinstance(data, dict) else None,
-            "received_at": received_at,
-            "completed_at": datetime.now(UTC),
-        }
+        got = (response.status_code, response.headers.get("x-request-id"), response.content)
+        event = result_event(command, name, got, received_at)
+        status = event["status"]
         await self.results.publish(
             orjson.dumps(event),
             routing_key=f"{command['type']}.{status}",
@@ -174,32 +158,17 @@ def build(args: argparse.Namespace) -> tuple[FastStream, Stack]:
         no_reply=True,
         decoder=_delivery,
     )(carry_out)
-    app = FastStream(broker, logger=logger)
-    app.on_startup(stack.authenticate)
-    app.after_shutdown(stack.close)
-    return app, stack
+    hooks = {"on_startup": [stack.authenticate], "after_shutdown": [stack.close]}
+    return FastStream(broker, logger=logger, **hooks), stack
 
 
 async def main(args: argparse.Namespace) -> None:
-    app, _ = build(args)
-    await app.run()  # FastStream stops on SIGINT / SIGTERM
+    """Run until SIGINT or SIGTERM (FastStream's own handling)."""
+    await build(args)[0].run()
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="python -m ops.bench.stack", description=(__doc__ or "").split("\n")[0]
-    )
-    p.add_argument("--amqp-url", default="amqp://guest:guest@127.0.0.1:5672/")
-    p.add_argument("--queue", required=True, help="the (preloaded) command queue to consume")
-    p.add_argument("--results-exchange", required=True)
-    p.add_argument("--telnyx-url", required=True, help="e.g. http://127.0.0.1:8090/v2")
-    p.add_argument("--telnyx-key", required=True)
-    p.add_argument("--vinix-url", required=True, help="e.g. http://127.0.0.1:8090/v2")
-    p.add_argument("--vinix-key", required=True)
-    p.add_argument("--prefetch", type=int, default=256, help="commands in flight (as CW_PREFETCH)")
-    p.add_argument("--pool-size", type=int, default=256, help="HTTP connections per provider")
-    p.add_argument("--timeout-s", type=float, default=10.0)
-    return p.parse_args(argv)
+    return parser("stack", __doc__).parse_args(argv)
 
 
 if __name__ == "__main__":
