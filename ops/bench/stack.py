@@ -158,8 +158,10 @@ def build(args: argparse.Namespace) -> tuple[FastStream, Stack]:
         no_reply=True,
         decoder=_delivery,
     )(carry_out)
-    hooks = {"on_startup": [stack.authenticate], "after_shutdown": [stack.close]}
-    return FastStream(broker, logger=logger, **hooks), stack
+    app = FastStream(
+        broker, logger=logger, on_startup=[stack.authenticate], after_shutdown=[stack.close]
+    )
+    return app, stack
 
 
 async def main(args: argparse.Namespace) -> None:
