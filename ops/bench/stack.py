@@ -10,7 +10,8 @@ them up, and still with nothing else:
 * **httpx** calls the provider: one ``httpx.AsyncClient`` per provider on ``httpx-aiohttp``'s
   ``AiohttpTransport``, the worker's own two classes (``ProviderClient``: no cookies;
   ``worker.providers.transport.AiohttpTransport``), the request built once and sent with
-  ``client.send`` (as the worker's ``JsonHttp``, without its observer and error mapping);
+  ``client.send``, the read answer's stream swapped for an empty one (as the worker's
+  ``JsonHttp``, without its observer and error mapping);
 * **FastStream** publishes the result event (a ``broker.publisher`` on the results exchange,
   persistent, awaiting the confirm), then the delivery is acked.
 
@@ -49,6 +50,7 @@ from .peer import provider_request
 from .pipeline_cli import parser
 
 _JSON = {"Content-Type": "application/json", "Accept": "application/json"}
+_SPENT = httpx.ByteStream(b"")  # a read answer's stream, swapped (worker.providers.http)
 
 
 async def _delivery(message: Any) -> AbstractIncomingMessage:
@@ -115,6 +117,7 @@ class Stack:
             print(f"stack: {command.get('command_id')}: {exc!r}", flush=True)
             await message.reject(requeue=True)
             return
+        response.stream = _SPENT  # read already: no cycle back to the response (as the worker)
         got = (response.status_code, response.headers.get("x-request-id"), response.content)
         event = result_event(command, name, got, received_at)
         status = event["status"]
